@@ -1,0 +1,29 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+VENV := .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-unit test-integration lint clean
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	$(BIN)/python -m integration.demo
+
+test: setup lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: setup
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+test-integration: setup
+	$(BIN)/python -m pytest integration $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check meshproxy tests integration
+	$(BIN)/ruff format --check meshproxy tests integration
+	$(BIN)/mypy
+
+clean:
+	rm -rf build *.egg-info meshproxy/*.so .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,5 @@
+import sys
+
+from meshproxy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Sets up everything meshproxy needs on a fresh Debian machine: the system packages the
+# build and the real-peer tests use, a virtual environment, and the project itself
+# (compiling native_tls into meshproxy._native_tls). Safe to run again: it only does
+# what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+DEBS=(libssl-dev openssl curl redis-server redis-tools tcpdump iproute2 procps)
+
+missing=()
+for pkg in "${DEBS[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing system packages: ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian's redis-server package starts a system instance; the tests start their own.
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PY" -m venv .venv
+  .venv/bin/pip install -q --upgrade pip "setuptools>=68" wheel
+fi
+stamp=.venv/.meshproxy-installed
+if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml setup.py native_tls -newer "$stamp" 2>/dev/null | head -1)" ]; then
+  echo "setup: installing meshproxy (builds native_tls)"
+  .venv/bin/pip install -q -e '.[dev]'
+  touch "$stamp"
+fi
+.venv/bin/python -c "import meshproxy._native_tls as n; print('setup: native module OK,', n.openssl_version())"
