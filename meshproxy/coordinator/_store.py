@@ -1,0 +1,84 @@
+"""Where the coordinator's sealed state lives.
+
+The file store keeps one file, ``state.sealed``, in the state directory, replaced
+atomically: write a temporary file in the same directory, fsync it, rename it over the
+old one, fsync the directory. A crash at any point leaves either the old or the new
+file, never a torn one. A lock file keeps a second coordinator off the same directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+from typing import Protocol
+
+from meshproxy.errors import StoreError
+
+
+class Store(Protocol):
+    def load(self) -> bytes | None: ...
+    def save(self, blob: bytes) -> None: ...
+    def close(self) -> None: ...
+
+
+class FileStore:
+    NAME = "state.sealed"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._lock_fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreError(f"state directory {directory}: {exc.strerror}") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise StoreError(
+                f"state directory {directory} is in use by another coordinator"
+            ) from None
+        # Leftovers of a write that crashed before its rename are garbage by construction.
+        for stale in directory.glob(f".{self.NAME}.*.tmp"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+    @property
+    def path(self) -> Path:
+        return self.directory / self.NAME
+
+    def load(self) -> bytes | None:
+        try:
+            return self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(f"cannot read {self.path}: {exc.strerror}") from None
+
+    def save(self, blob: bytes) -> None:
+        tmp = self.directory / f".{self.NAME}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+            dir_fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise StoreError(f"cannot write {self.path}: {exc.strerror}") from None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)
