@@ -4,7 +4,10 @@ A package pins the enclave either by UniqueID, or by SignerID with ProductID and
 minimum SecurityVersion (MarbleRun refuses a package that pins neither, and so do we).
 Debug must equal the enclave's debug flag. A hardware quote's TCB status must be one the
 package accepts; a simulated quote is refused unless simulation is explicitly allowed, and
-then has no TCB status to check.
+then has no TCB status to check. Advisories follow MarbleRun: they matter only when the
+status is SWHardeningNeeded or ConfigurationAndSWHardeningNeeded (the statuses whose fix is
+software hardening against the advisories listed); then, if the package lists accepted
+advisories, every advisory of the quote must be among them. An empty list accepts all.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ class PackagePolicy:
     security_version: int | None
     debug: bool
     accepted_tcb_statuses: tuple[str, ...] = ("UpToDate", "SWHardeningNeeded")
+    accepted_advisories: tuple[str, ...] = ()
+
+
+_HARDENING_STATUSES = ("SWHardeningNeeded", "ConfigurationAndSWHardeningNeeded")
 
 
 def check_package(
@@ -63,3 +70,15 @@ def check_package(
             f"TCB status {verified.tcb_status} is not accepted by the package "
             f"(accepted: {accepted})"
         )
+    if (
+        not verified.simulated
+        and verified.tcb_status in _HARDENING_STATUSES
+        and policy.accepted_advisories
+    ):
+        refused = [a for a in verified.advisories if a not in policy.accepted_advisories]
+        if refused:
+            raise PolicyError(
+                f"TCB status {verified.tcb_status} with advisories not accepted by the "
+                f"package: {', '.join(refused)} (accepted: "
+                f"{', '.join(policy.accepted_advisories)})"
+            )

@@ -220,7 +220,8 @@ def parse_quote(data: bytes) -> Quote:
         )
     if tee_type == TEE_TDX and version >= 4:
         raise _format_error(
-            f"TEE type 0x{tee_type:x} at offset 4 is a TDX quote; only SGX enclaves are attested"
+            f"TEE type 0x{tee_type:x} at offset 4 is a TDX quote; only SGX enclaves are "
+            "attested here (TDX quotes go to parse_tdx_quote / verify_tdx_quote)"
         )
     if tee_type != TEE_SGX:
         raise _format_error(f"TEE type 0x{tee_type:x} at offset 4 is not SGX (0)")
