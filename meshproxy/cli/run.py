@@ -1,0 +1,65 @@
+"""``meshproxy run``: the enclave entrypoint (activate, start the app, proxy its traffic)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+_DESCRIPTION = """\
+Run as the enclave's entrypoint: attest and activate with the coordinator, write the
+manifest's Files, start the inbound and outbound listeners, start the app and supervise
+it (signals are forwarded, children reaped), and exit with the app's exit status.
+The app is the command after '--', else the Argv of the manifest's Parameters."""
+
+_EPILOG = """\
+environment of the app (in addition to the proxy's own and the manifest's Env):
+  MESHPROXY_INBOUND_<NAME>     Unix socket the app must listen on for inbound NAME;
+                               the proxy terminates TLS and relays plaintext to it
+  MESHPROXY_OUTBOUND_<NAME>    Unix socket the app connects to for outbound NAME;
+                               the proxy originates mTLS to the upstream marble
+  MESHPROXY_WORKDIR            the proxy's working directory (sockets, ready.json)
+  MESHPROXY_FILES_ROOT         where the manifest's Files were written
+                               (manifest path /etc/x -> $MESHPROXY_FILES_ROOT/etc/x)
+  MARBLE_PREDEFINED_MARBLE_CERTIFICATE_CHAIN  this marble's leaf + intermediate (PEM)
+  MARBLE_PREDEFINED_ROOT_CA                   the marbles' trust anchor: the
+                                              intermediate (PEM)
+  MARBLE_PREDEFINED_COORDINATOR_ROOT_CA       the coordinator's root certificate (PEM)
+  MARBLE_PREDEFINED_PRIVATE_KEY               this marble's private key (PKCS#8 PEM)
+
+readiness: <workdir>/ready.json lists the bound addresses, sockets and the app's pid;
+GET /live and /ready answer on the admin Unix socket (default <workdir>/admin.sock).
+
+example:
+  meshproxy run --config backend.yaml -- python3 backend.py"""
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run as an enclave's entrypoint: activate, start and proxy the app",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config", required=True, type=Path, metavar="FILE", help="the marble config (YAML)"
+    )
+    p.add_argument(
+        "argv",
+        nargs=argparse.REMAINDER,
+        metavar="-- APP ARGV...",
+        help="the app to start (default: the manifest's Argv)",
+    )
+    p.set_defaults(func=_run)
+
+
+def app_argv(raw: list[str]) -> list[str]:
+    """The app's command line: everything after the first ``--``."""
+    return raw[1:] if raw[:1] == ["--"] else raw
+
+
+def _run(args: argparse.Namespace) -> int:
+    from meshproxy.runtime import run
+
+    return run(args.config, app_argv(list(args.argv)))

@@ -1,0 +1,340 @@
+"""The marble config (``meshproxy run --config marble.yaml``) as frozen dataclasses.
+
+Parsed once, strictly: unknown keys, malformed addresses, duplicate names and colliding
+listeners are ``ConfigError``s naming the file and key path. Relative paths are taken
+from the config file's directory, except ``admin.socket``, which is relative to
+``workdir``. Features that are designed but not built yet (HTTP listeners, ``users``
+clients, hardware attestation providers) are refused with a message saying so, never
+silently downgraded.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshproxy.config._strict import Node, load_file, parse_duration
+from meshproxy.errors import PolicyError
+from meshproxy.pki import check_marble_type
+
+DEFAULT_ACTIVATION_TIMEOUT = 60.0
+_NAME_RE = re.compile(r"^[a-z0-9_]+$")
+_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+@dataclass(frozen=True)
+class Address:
+    """A ``HOST:PORT``; IPv6 hosts are kept without brackets."""
+
+    host: str
+    port: int
+
+    @property
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    address: Address
+    root_cert: Path | None
+    activation_timeout: float
+
+
+@dataclass(frozen=True)
+class MarbleSection:
+    type: str
+    uuid_file: Path | None
+    dns_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AttestationConfig:
+    provider: str
+    accept_simulation: bool
+    enclave: Path | None
+    platform_dir: Path | None  # None: the attestation package's default
+
+
+@dataclass(frozen=True)
+class InboundConfig:
+    name: str
+    listen: Address
+    protocol: str
+    clients: str  # "marbles" | "public"
+    allow: tuple[str, ...] | None  # None: the manifest's Mesh.Allow callers
+
+
+@dataclass(frozen=True)
+class OutboundConfig:
+    name: str
+    upstream: Address
+    peer: str
+    sni: str | None
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str
+    format: str
+
+
+@dataclass(frozen=True)
+class MarbleConfig:
+    source: Path
+    coordinator: CoordinatorConfig
+    marble: MarbleSection
+    attestation: AttestationConfig
+    workdir: Path
+    files_root: Path
+    inbound: tuple[InboundConfig, ...]
+    outbound: tuple[OutboundConfig, ...]
+    admin_socket: Path
+    log: LogConfig
+
+    def inbound_socket(self, name: str) -> Path:
+        """Where the app must listen for listener ``name``."""
+        return self.workdir / f"inbound-{name}.sock"
+
+    def outbound_socket(self, name: str) -> Path:
+        """Where the app connects to reach outbound ``name``."""
+        return self.workdir / f"outbound-{name}.sock"
+
+    @property
+    def ready_file(self) -> Path:
+        return self.workdir / "ready.json"
+
+
+def load_marble_config(path: str | Path) -> MarbleConfig:
+    p = Path(path)
+    return parse_marble_config(load_file(p), base_dir=p.resolve().parent, source=p)
+
+
+def parse_marble_config(root: Node, *, base_dir: Path, source: Path) -> MarbleConfig:
+    top = root.mapping(
+        ["coordinator", "marble", "attestation", "workdir", "files_root", "inbound",
+         "outbound", "admin", "log"],
+        required=["coordinator", "marble", "attestation", "workdir"],
+    )  # fmt: skip
+    workdir = _path(top["workdir"], base_dir)
+    files_root = _path(top["files_root"], base_dir) if _given(top, "files_root") else None
+    inbound = tuple(_inbound(n) for n in top["inbound"].list()) if "inbound" in top else ()
+    outbound = tuple(_outbound(n) for n in top["outbound"].list()) if "outbound" in top else ()
+    _check_unique(top, inbound, outbound)
+    return MarbleConfig(
+        source=source,
+        coordinator=_coordinator(top["coordinator"], base_dir),
+        marble=_marble(top["marble"], base_dir),
+        attestation=_attestation(top["attestation"], base_dir),
+        workdir=workdir,
+        files_root=files_root or workdir / "files",
+        inbound=inbound,
+        outbound=outbound,
+        admin_socket=_admin(top.get("admin"), workdir),
+        log=_log(top.get("log")),
+    )
+
+
+# -- sections -----------------------------------------------------------------------------
+def _coordinator(node: Node, base: Path) -> CoordinatorConfig:
+    m = node.mapping(["address", "root_cert", "activation_timeout"], required=["address"])
+    timeout = DEFAULT_ACTIVATION_TIMEOUT
+    if _given(m, "activation_timeout"):
+        timeout = parse_duration(m["activation_timeout"])
+    return CoordinatorConfig(
+        address=parse_address(m["address"], allow_port_zero=False),
+        root_cert=_path(m["root_cert"], base) if _given(m, "root_cert") else None,
+        activation_timeout=timeout,
+    )
+
+
+def _marble(node: Node, base: Path) -> MarbleSection:
+    m = node.mapping(["type", "uuid_file", "dns_names"], required=["type"])
+    dns = m["dns_names"].list() if "dns_names" in m else []
+    for n in dns:
+        _dns_name(n)
+    return MarbleSection(
+        type=_marble_type(m["type"]),
+        uuid_file=_path(m["uuid_file"], base) if _given(m, "uuid_file") else None,
+        dns_names=tuple(n.str() for n in dns),
+    )
+
+
+def _attestation(node: Node, base: Path) -> AttestationConfig:
+    m = node.mapping(
+        ["provider", "accept_simulation", "enclave", "platform_dir"], required=["provider"]
+    )
+    provider = m["provider"].choice(["simulation", "gramine", "occlum"])
+    if provider != "simulation":
+        m["provider"].fail(f"attestation provider {provider} is not available yet (use simulation)")
+    if not _given(m, "enclave"):
+        node.fail("missing required key 'enclave' (the signed enclave description)")
+    return AttestationConfig(
+        provider=provider,
+        accept_simulation=_given(m, "accept_simulation") and m["accept_simulation"].bool(),
+        enclave=_path(m["enclave"], base),
+        platform_dir=_path(m["platform_dir"], base) if _given(m, "platform_dir") else None,
+    )
+
+
+def _inbound(node: Node) -> InboundConfig:
+    m = node.mapping(
+        ["name", "listen", "protocol", "clients", "allow"], required=["name", "listen"]
+    )
+    protocol = m["protocol"].choice(["tcp", "http"]) if _given(m, "protocol") else "tcp"
+    if protocol != "tcp":
+        m["protocol"].fail(f"protocol {protocol} is not available yet (use tcp)")
+    # The default is the strict one: only attested marbles of allowed types get in.
+    clients = (
+        m["clients"].choice(["marbles", "public", "users"]) if _given(m, "clients") else "marbles"
+    )
+    if clients == "users":
+        m["clients"].fail("clients: users is not available yet (use marbles or public)")
+    allow: tuple[str, ...] | None = None
+    if "allow" in m:
+        if clients != "marbles":
+            m["allow"].fail("allow applies only to clients: marbles")
+        allow = tuple(_marble_type(n) for n in m["allow"].list())
+    return InboundConfig(
+        name=_name(m["name"]),
+        listen=parse_address(m["listen"], allow_port_zero=True),
+        protocol=protocol,
+        clients=clients,
+        allow=allow,
+    )
+
+
+def _outbound(node: Node) -> OutboundConfig:
+    m = node.mapping(["name", "upstream", "peer", "sni"], required=["name", "upstream", "peer"])
+    upstream = parse_address(m["upstream"], allow_port_zero=False)
+    sni = _dns_name(m["sni"]) if _given(m, "sni") else None
+    if sni is None and not upstream.is_ip:
+        sni = upstream.host
+    return OutboundConfig(_name(m["name"]), upstream, _marble_type(m["peer"]), sni)
+
+
+def _admin(node: Node | None, workdir: Path) -> Path:
+    if node is None:
+        return workdir / "admin.sock"
+    m = node.mapping(["socket"])
+    return workdir / m["socket"].str() if _given(m, "socket") else workdir / "admin.sock"
+
+
+def _log(node: Node | None) -> LogConfig:
+    if node is None:
+        return LogConfig("info", "json")
+    m = node.mapping(["level", "format"])
+    level = m["level"].choice(["debug", "info", "warning", "error"]) if "level" in m else "info"
+    fmt = m["format"].choice(["json", "text"]) if "format" in m else "json"
+    return LogConfig(level, fmt)
+
+
+# -- values -------------------------------------------------------------------------------
+def parse_address(node: Node, *, allow_port_zero: bool) -> Address:
+    """``HOST:PORT`` with an IPv4 address, a DNS name, or a bracketed IPv6 address."""
+    text = node.str()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            node.fail(f"invalid address {text!r}: expected [IPV6]:PORT")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            node.fail(f"invalid address {text!r}: {host!r} is not an IPv6 address")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host:
+            node.fail(f"invalid address {text!r}: expected HOST:PORT")
+        if ":" in host:
+            node.fail(f"invalid address {text!r}: write IPv6 addresses as [{host}]:{port}")
+        if not _is_ipv4(host) and not _valid_dns(host):
+            node.fail(f"invalid address {text!r}: {host!r} is not an IP address or DNS name")
+    if not port.isdigit() or not (0 if allow_port_zero else 1) <= int(port) <= 65535:
+        low = 0 if allow_port_zero else 1
+        node.fail(f"invalid address {text!r}: port must be a number from {low} to 65535")
+    return Address(host, int(port))
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _valid_dns(name: str) -> bool:
+    labels = name.rstrip(".").split(".")
+    return len(name) <= 253 and all(_LABEL_RE.match(label) for label in labels)
+
+
+def _dns_name(node: Node) -> str:
+    name = node.str()
+    if not _valid_dns(name) or name.replace(".", "").isdigit():
+        node.fail(f"{name!r} is not a valid DNS name")
+    return name
+
+
+def _name(node: Node) -> str:
+    name = node.str()
+    if not _NAME_RE.match(name):
+        node.fail(f"invalid name {name!r}: use lower-case letters, digits and '_'")
+    return name
+
+
+def _marble_type(node: Node) -> str:
+    try:
+        return check_marble_type(node.str())
+    except PolicyError as exc:
+        node.fail(str(exc))
+
+
+def _path(node: Node, base: Path) -> Path:
+    text = node.str()
+    if "\0" in text:
+        node.fail("path contains a NUL byte")
+    return base / Path(text).expanduser()
+
+
+def _given(m: dict[str, Node], key: str) -> bool:
+    return key in m and m[key].value is not None
+
+
+def _check_unique(
+    top: dict[str, Node], inbound: tuple[InboundConfig, ...], outbound: tuple[OutboundConfig, ...]
+) -> None:
+    names = [("inbound", i, x.name) for i, x in enumerate(inbound)]
+    names += [("outbound", i, x.name) for i, x in enumerate(outbound)]
+    seen: dict[str, str] = {}
+    for section, i, name in names:
+        if name in seen:
+            top[section].list()[i].fail(
+                f"name {name!r} is already used by {seen[name]}; names must be unique"
+            )
+        seen[name] = f"{section}[{i}]"
+    bound: list[tuple[int, Address]] = []
+    for i, listener in enumerate(inbound):
+        addr = listener.listen
+        for j, other in bound:
+            if addr.port and addr.port == other.port and _overlap(addr.host, other.host):
+                top["inbound"].list()[i].fail(
+                    f"listen address {addr} collides with inbound[{j}] ({other})"
+                )
+        bound.append((i, addr))
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether binding both hosts on one port would collide ('::' is dual-stack)."""
+    if a == b or "::" in (a, b):
+        return True
+    return "0.0.0.0" in (a, b) and ":" not in a + b

@@ -1,0 +1,31 @@
+"""The data plane: inbound and outbound listeners, the byte relay, the admin endpoint.
+
+Plaintext is only ever exchanged with the app over Unix sockets in the workdir; every
+TCP connection the proxy makes or accepts is TLS 1.3 with an identity check.
+"""
+
+from meshproxy.proxy._admin import AdminServer
+from meshproxy.proxy._inbound import InboundListener, InboundSpec
+from meshproxy.proxy._outbound import OutboundListener, OutboundSpec
+from meshproxy.proxy._relay import (
+    ByteStream,
+    ConnectionSet,
+    RelayResult,
+    UnixStream,
+    bind_unix_socket,
+    relay,
+)
+
+__all__ = [
+    "AdminServer",
+    "ByteStream",
+    "ConnectionSet",
+    "InboundListener",
+    "InboundSpec",
+    "OutboundListener",
+    "OutboundSpec",
+    "RelayResult",
+    "UnixStream",
+    "bind_unix_socket",
+    "relay",
+]

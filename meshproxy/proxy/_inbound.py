@@ -1,0 +1,128 @@
+"""Inbound: TLS on a host-visible TCP port -> plaintext to the app on a Unix socket.
+
+Per connection: TLS handshake (the client certificate chains to the current intermediate,
+checked by OpenSSL), then the identity check (``pki.check_peer``: our trust domain, an
+allowed marble type) for ``clients: marbles``; only then is the app's socket opened.
+Every refusal is one log line with the reason; an accepted connection logs who it is and,
+when it ends, the bytes moved each way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshproxy.errors import MeshError
+from meshproxy.pki import check_peer
+from meshproxy.proxy._relay import ConnectionSet, UnixStream, relay
+from meshproxy.tls import TLSStream, describe_error
+
+log = logging.getLogger("meshproxy.proxy.inbound")
+
+
+@dataclass(frozen=True)
+class InboundSpec:
+    name: str
+    host: str
+    port: int  # 0: any free port, reported by start()
+    clients: str  # "marbles" | "public"
+    allow: tuple[str, ...]  # marble types allowed to call (marbles only)
+    trust_domain: str
+    app_socket: Path
+    handshake_timeout: float = 10.0
+
+
+class InboundListener:
+    def __init__(self, spec: InboundSpec, ctx: ssl.SSLContext, connections: ConnectionSet) -> None:
+        self.spec = spec
+        self._ctx = ctx
+        self._connections = connections
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> tuple[str, int]:
+        """Listen; returns the address actually bound."""
+        loop = asyncio.get_running_loop()
+
+        def factory() -> TLSStream:
+            return TLSStream(self._ctx, server_side=True, on_connection=self._accepted)
+
+        try:
+            self._server = await loop.create_server(
+                factory, self.spec.host, self.spec.port, reuse_address=True
+            )
+        except OSError as exc:
+            raise MeshError(
+                f"inbound {self.spec.name}: cannot listen on {self.spec.host}:{self.spec.port}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    def _accepted(self, stream: TLSStream) -> None:
+        self._connections.spawn(self._serve(stream))
+
+    async def _serve(self, stream: TLSStream) -> None:
+        try:
+            await self._serve_checked(stream)
+        except asyncio.CancelledError:  # shutdown ended the grace period
+            stream.abort()
+            raise
+
+    async def _serve_checked(self, stream: TLSStream) -> None:
+        spec = self.spec
+        fields: dict[str, object] = {"listener": spec.name, "remote": stream.remote}
+        try:
+            await stream.handshake(spec.handshake_timeout)
+        except (OSError, MeshError) as exc:
+            reason = describe_error(exc) if isinstance(exc, OSError) else str(exc)
+            self._refuse(fields, f"TLS handshake failed: {reason}")
+            await stream.aclose()
+            return
+        if spec.clients == "marbles":
+            try:
+                peer = check_peer(
+                    stream.peer_certificate() or b"",
+                    trust_domain=spec.trust_domain,
+                    allowed_types=spec.allow,
+                    role="client",
+                )
+            except MeshError as exc:
+                self._refuse(fields, str(exc))
+                await stream.aclose()
+                return
+            fields |= {"peer": peer.spiffe_id, "peer_uuid": peer.uuid}
+        else:
+            fields["peer"] = "anonymous"
+        log.info("inbound accepted", extra={"event": "inbound.accept", **fields})
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(spec.app_socket))
+        except OSError as exc:
+            log.warning(
+                "app is not listening",
+                extra={"event": "inbound.app_unavailable", "socket": str(spec.app_socket),
+                       "reason": exc.strerror or str(exc), **fields},
+            )  # fmt: skip
+            await stream.aclose()
+            return
+        started = time.monotonic()
+        result = await relay(stream, UnixStream(reader, writer))
+        log.info(
+            "inbound closed",
+            extra={"event": "inbound.close", "bytes_in": result.a_to_b,
+                   "bytes_out": result.b_to_a, "reason": result.error or "eof",
+                   "duration_ms": round((time.monotonic() - started) * 1000), **fields},
+        )  # fmt: skip
+
+    @staticmethod
+    def _refuse(fields: dict[str, object], reason: str) -> None:
+        log.warning(
+            "inbound refused", extra={"event": "inbound.refused", "reason": reason, **fields}
+        )
