@@ -1,0 +1,213 @@
+"""The bench's processes: started pinned, in their own process group, stopped by id.
+
+Every long-running process (proxies, backends, the coordinator's helpers) is started
+through ``Processes.spawn`` in a new session, so that stopping it can reach everything it
+forked (nginx workers, meshproxy's app) with one ``killpg`` on its own group id, and a
+Ctrl-C in the terminal reaches only the orchestrator, which then stops them in order.
+Accounting reads ``/proc``: CPU seconds (utime + stime, all threads) and RSS of a chosen
+set of processes, and the busy share of each CPU from ``/proc/stat``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, chars: int = 2000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+class Processes:
+    """Everything the bench started and has not stopped yet."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self._procs: list[Proc] = []
+
+    def spawn(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> Proc:
+        log = self.log_dir / f"{name}.log"
+        with open(log, "ab") as fh:
+            popen = subprocess.Popen(
+                list(argv),
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+            )
+        proc = Proc(name, popen, log)
+        self._procs.append(proc)
+        return proc
+
+    def stop(self, proc: Proc, timeout: float = 15.0) -> None:
+        """SIGTERM to the process group, then SIGKILL to what is left of it."""
+        pgid = proc.pid  # start_new_session: the leader's pid is the group id
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(5)
+        if proc in self._procs:
+            self._procs.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self._procs)):
+            self.stop(proc)
+
+
+# -- readiness ----------------------------------------------------------------------------
+def wait_until(
+    predicate: Callable[[], bool], timeout: float, what: str, proc: Proc | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and not proc.alive():
+            raise RuntimeError(
+                f"{what}: {proc.name} exited ({proc.popen.returncode})\n{proc.tail()}"
+            )
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+    tail = proc.tail() if proc is not None else ""
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
+
+
+def accepts(address: str) -> bool:
+    """Whether something accepts connections at ``HOST:PORT`` or ``unix:PATH``."""
+    if address.startswith("unix:"):
+        family, target = socket.AF_UNIX, address[5:]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        where: str | tuple[str, int] = target
+    else:
+        host, _, port = address.rpartition(":")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        where = (host, int(port))
+    with sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(where)
+        except OSError:
+            return False
+    return True
+
+
+# -- accounting ---------------------------------------------------------------------------
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return raw[raw.rindex(")") + 2 :].split()  # fields from 3 (state) on
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None and int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """utime + stime of the processes (every thread, live and exited), in seconds."""
+    ticks = 0
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields is not None:
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return ticks / CLK_TCK
+
+
+def rss_kib(pids: Sequence[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def cpu_times() -> dict[str, tuple[int, int]]:
+    """Per CPU: (busy, total) jiffies since boot, from /proc/stat."""
+    out = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *vals = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            nums = [int(v) for v in vals[:8]]
+            idle = nums[3] + nums[4]  # idle + iowait
+            out[name] = (sum(nums) - idle, sum(nums))
+    return out
+
+
+def busy_pct(
+    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]
+) -> dict[str, float]:
+    out = {}
+    for cpu, (busy, total) in after.items():
+        b0, t0 = before.get(cpu, (0, 0))
+        out[cpu] = round(100.0 * (busy - b0) / max(1, total - t0), 1)
+    return out
+
+
+@dataclass
+class Meter:
+    """Proxy CPU seconds, wall seconds and CPU busy shares over one load run."""
+
+    pids: Callable[[], list[int]]
+    cpu_s: float = 0.0
+    wall_s: float = 0.0
+    busy: dict[str, float] | None = None
+
+    def __enter__(self) -> Meter:
+        self._pids = self.pids()
+        self._cpu0 = cpu_seconds(self._pids)
+        self._cpus0 = cpu_times()
+        self._t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall_s = time.monotonic() - self._t0
+        self.cpu_s = cpu_seconds(self._pids) - self._cpu0
+        self.busy = busy_pct(self._cpus0, cpu_times())

@@ -1,0 +1,424 @@
+"""``make bench``: meshproxy side by side with haproxy, nginx and stunnel, in one run.
+
+Method (perf-anchors.md): the proxy under test is pinned to CPU 1, load generators and
+backends to CPU 0; all traffic on 127.0.0.1; every figure is recorded per wall-clock
+second and per CPU-second of the proxy's own processes (utime + stime from /proc); every
+process started here is stopped by its process-group id at the end, also on Ctrl-C.
+
+Order: build the C tools -> coordinator, manifest, certificates (activated honestly) ->
+shared backends -> physical limits -> with the proxy on 1 core, then on 2 cores: for each
+repetition, each candidate in turn is started, measured and stopped -> medians into
+results.json and the tables.
+
+    integration/bench/run.sh [--quick] [--only SCENARIO] [--candidate NAME] [--reps N] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from integration.bench import _loads as loads
+from integration.bench._candidates import (
+    Context,
+    Server,
+    native_engine_api,
+    start_backends,
+    start_haproxy,
+    start_meshproxy,
+    start_nginx,
+    start_stunnel,
+)
+from integration.bench._pki import BenchMesh
+from integration.bench._procs import Processes
+from integration.bench._report import Results, render
+from integration.bench._scenarios import Samples, Scenarios, Sizes
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results.json"
+SCENARIOS = ("ceilings", "bulk", "requests", "handshakes", "memory", "scaling")
+CANDIDATES = ("meshproxy-py", "meshproxy-native", "haproxy", "nginx", "stunnel")
+TOOLS = ("bulkc", "hsc", "sink")
+NEEDED = ("taskset", "gcc", "haproxy", "nginx", "stunnel4", "wrk", "openssl")
+FAILURES = (loads.LoadError, RuntimeError, TimeoutError, OSError, KeyError, ValueError)
+
+
+@dataclass(frozen=True)
+class Plan:
+    quick: bool
+    scenarios: frozenset[str]
+    reps: int
+    candidates: tuple[str, ...]
+    keep: bool
+
+    @property
+    def sizes(self) -> Sizes:
+        if self.quick:
+            return Sizes(bulk_bytes=64 * 2**20, wrk_seconds=3, handshake_seconds=2.0)
+        return Sizes(bulk_bytes=2**30, wrk_seconds=10, handshake_seconds=5.0)
+
+    @property
+    def speed_seconds(self) -> int:
+        return 1 if self.quick else 3
+
+
+def parse_args(argv: list[str] | None = None) -> Plan:
+    p = argparse.ArgumentParser(
+        prog="integration/bench/run.sh",
+        description="meshproxy vs haproxy, nginx and stunnel (see integration/bench/README.md)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 64 MiB bulk, 3 s wrk, 2 s handshakes, 1 repetition",
+    )
+    p.add_argument(
+        "--only",
+        action="append",
+        choices=SCENARIOS,
+        metavar="SCENARIO",
+        help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}",
+    )
+    p.add_argument(
+        "--candidate",
+        action="append",
+        choices=CANDIDATES,
+        metavar="NAME",
+        help=f"run only this candidate (repeatable): {', '.join(CANDIDATES)}",
+    )
+    p.add_argument(
+        "--reps", type=int, help="repetitions per cell, medians reported (default 3; --quick: 1)"
+    )
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = p.parse_args(argv)
+    reps = args.reps if args.reps is not None else (1 if args.quick else 3)
+    if not 1 <= reps <= 10:
+        p.error("--reps must be from 1 to 10")
+    return Plan(
+        quick=args.quick,
+        scenarios=frozenset(args.only or SCENARIOS),
+        reps=reps,
+        candidates=tuple(args.candidate or CANDIDATES),
+        keep=args.keep,
+    )
+
+
+# -- setup --------------------------------------------------------------------------------
+def preflight() -> None:
+    if (os.cpu_count() or 1) < 2:
+        sys.exit("bench: needs at least 2 CPUs (proxy on CPU 1, load on CPU 0)")
+    missing = [t for t in NEEDED if not shutil.which(t)]
+    if missing:
+        sys.exit(f"bench: missing {', '.join(missing)}; run integration/bench/setup.sh")
+    # 1,000 idle connections need ~3,000 descriptors in the proxy; raise the soft limit.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def build_tools(out: Path) -> None:
+    src = HERE / "clients"
+    out.mkdir(parents=True, exist_ok=True)
+    for tool in TOOLS:
+        cmd = [
+            "gcc",
+            "-O2",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-o",
+            str(out / tool),
+            str(src / f"{tool}.c"),
+            str(src / "common.c"),
+            "-lssl",
+            "-lcrypto",
+            "-lpthread",
+        ]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            sys.exit(f"bench: building {tool} failed:\n{res.stderr}")
+
+
+def _version(argv: list[str], pattern: str = "") -> str:
+    try:
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    lines = [ln.strip() for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
+    lines = [ln for ln in lines if pattern in ln] or lines
+    return lines[0] if lines else "unknown"
+
+
+def describe_machine() -> tuple[dict[str, object], dict[str, str]]:
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    mem = re.search(r"^MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text(), re.M)
+    release = Path("/etc/os-release").read_text() if Path("/etc/os-release").exists() else ""
+    os_name = re.search(r'^PRETTY_NAME="?([^"\n]+)', release, re.M)
+    machine: dict[str, object] = {
+        "cpu": model.group(1) if model else "unknown",
+        "cpus": os.cpu_count(),
+        "mem_gib": round(int(mem.group(1)) / 2**20, 1) if mem else None,
+        "kernel": platform.release(),
+        "os": os_name.group(1) if os_name else "unknown",
+        "layout": "proxy on CPU 1 (scaling: CPUs 0-1); load generators and backends on CPU 0",
+    }
+    versions = {
+        "meshproxy": _version([sys.executable, "-m", "meshproxy", "--version"]),
+        "python": sys.version.split()[0],
+        "openssl": _version(["openssl", "version"]),
+        "haproxy": _version(["haproxy", "-v"]),
+        "nginx": _version(["nginx", "-v"]),
+        "stunnel": _version(["stunnel4", "-version"], "stunnel "),
+        "wrk": _version(["wrk", "-v"]),
+        "h2load": _version(["h2load", "--version"]),
+        "gcc": _version(["gcc", "--version"]),
+    }
+    return machine, versions
+
+
+# -- running ------------------------------------------------------------------------------
+class Runner:
+    def __init__(self, plan: Plan, ctx: Context, mesh: BenchMesh, results: Results) -> None:
+        self.plan = plan
+        self.ctx = ctx
+        self.mesh = mesh
+        self.results = results
+        self.samples = Samples()
+        self.scenarios = Scenarios(ctx, plan.sizes, self.samples)
+        self.native_api = native_engine_api()
+
+    def ceilings(self) -> None:
+        print("bench: physical limits (openssl speed, TLS into the C sink)", flush=True)
+        speed = loads.openssl_speed(self.plan.speed_seconds, self.plan.quick)
+        add = self.results.add
+        add(
+            "ceilings",
+            "openssl",
+            "aes_128_gcm_16k_mbps",
+            [speed.aes128gcm_16k_mbps],
+            "MB/s",
+            detail=speed.commands[0],
+        )
+        add(
+            "ceilings",
+            "openssl",
+            "ecdsa_p256_sign_per_s",
+            [speed.ecdsa_sign_per_s],
+            "ops/s",
+            detail=speed.commands[1],
+        )
+        add(
+            "ceilings",
+            "openssl",
+            "ecdsa_p256_verify_per_s",
+            [speed.ecdsa_verify_per_s],
+            "ops/s",
+            detail=speed.commands[1],
+        )
+        for _ in range(self.plan.reps):
+            self.scenarios.tls_direct()
+
+    def _starter(self, name: str, cores: int) -> Callable[[], Server]:
+        cpus = "1" if cores == 1 else "0,1"
+        ctx, mesh = self.ctx, self.mesh
+        return {
+            "meshproxy-py": lambda: start_meshproxy(ctx, mesh, cpus, cores, native="off"),
+            "meshproxy-native": lambda: start_meshproxy(ctx, mesh, cpus, cores, native="require"),
+            "haproxy": lambda: start_haproxy(ctx, cpus, cores),
+            "nginx": lambda: start_nginx(ctx, cpus, cores),
+            "stunnel": lambda: start_stunnel(ctx, cpus, cores),
+        }[name]
+
+    def _steps(self, cores: int) -> list[tuple[str, Callable[[Server], None]]]:
+        sc = self.scenarios
+        if cores == 1:
+            steps: list[tuple[str, Callable[[Server], None]]] = [
+                ("memory", sc.memory),  # first: the idle RSS of a fresh proxy
+                ("bulk", lambda s: sc.bulk(s, "", 1)),
+                ("requests", lambda s: sc.requests(s, "", 1)),
+                ("handshakes", sc.handshakes),
+            ]
+        else:
+            steps = [
+                ("scaling", lambda s: sc.bulk(s, "scaling-", 2)),
+                ("scaling", lambda s: sc.requests(s, "scaling-", 2)),
+            ]
+        return [(name, fn) for name, fn in steps if name in self.plan.scenarios]
+
+    def candidates(self, cores: int) -> None:
+        steps = self._steps(cores)
+        if not steps:
+            return
+        names = list(self.plan.candidates)
+        if "meshproxy-native" in names and (self.native_api or 0) < 1:
+            names.remove("meshproxy-native")
+            if cores == 1:
+                self.results.problem(
+                    "all",
+                    "meshproxy-native",
+                    "available",
+                    f"not available: meshproxy._native_tls ENGINE_API = {self.native_api}",
+                )
+        for rep in range(self.plan.reps):
+            for name in names:
+                what = ", ".join(dict.fromkeys(s for s, _ in steps))
+                print(
+                    f"bench: [{rep + 1}/{self.plan.reps}] {name} on {cores} core(s): {what}",
+                    flush=True,
+                )
+                self.one(name, cores, steps)
+
+    def one(self, name: str, cores: int, steps: list[tuple[str, Callable[[Server], None]]]) -> None:
+        self.scenarios.quiet()
+        try:
+            server = self._starter(name, cores)()
+        except FAILURES as exc:
+            where = "all" if cores == 1 else "scaling"
+            self.results.problem(where, name, "start", f"failed to start: {exc}")
+            print(f"bench: {name} failed to start: {exc}", file=sys.stderr, flush=True)
+            return
+        try:
+            for note in server.notes:
+                if note not in self.results.notes:
+                    self.results.notes.append(note)
+            for scenario, fn in steps:
+                self.scenarios.quiet()
+                try:
+                    fn(server)
+                except FAILURES as exc:
+                    self.results.problem(scenario, name, "error", f"failed: {exc}")
+                    print(f"bench: {name} {scenario} failed: {exc}", file=sys.stderr, flush=True)
+                loads.settle(0.5)
+        finally:
+            self.ctx.procs.stop(server.proc)
+
+    def finish(self) -> None:
+        """Medians of the samples into the results; the background load into the notes."""
+        for (scenario, cand, cores, metric), values in self.samples.values.items():
+            if scenario == "background":
+                continue
+            self.results.add(scenario, cand, metric, values, _unit(metric), cores=cores)
+        bg = {m: v for (s, _, _, m), v in self.samples.values.items() if s == "background"}
+        if bg:
+            quiet = bg.pop("quiet", [])
+            parts = [
+                f"{m.split('_')[0]} median {statistics.median(v):.0f}% (max {max(v):.0f}%)"
+                for m, v in sorted(bg.items())
+            ]
+            self.results.notes.append(
+                "other work on this machine, sampled while nothing of the bench ran, before "
+                f"each candidate and scenario (waiting up to 20 s for both CPUs <= 15 %): "
+                f"{', '.join(parts)}; quiet {int(sum(quiet))} of {len(quiet)} times"
+            )
+        if self.scenarios.cipher:
+            self.results.notes.append(f"negotiated cipher: {self.scenarios.cipher}")
+
+
+def _unit(metric: str) -> str:
+    units = (
+        ("_mbps_wall", "MB/s"),
+        ("_mbps_per_cpu_s", "MB per proxy CPU-s"),
+        ("req_per_s_wall", "req/s"),
+        ("req_per_cpu_s", "req per proxy CPU-s"),
+        ("conn_per_s_wall", "conn/s"),
+        ("conn_per_cpu_s", "conn per proxy CPU-s"),
+        ("_pct", "%"),
+        ("_ms", "ms"),
+        ("_mib", "MiB"),
+        ("_conns", "KiB"),
+        ("errors", "count"),
+        ("failures", "count"),
+        ("tickets_per_conn", "tickets"),
+    )
+    return next((unit for suffix, unit in units if metric.endswith(suffix)), "")
+
+
+@contextlib.contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """SIGTERM and SIGHUP end the run like Ctrl-C: through the blocks that stop everything."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def main(argv: list[str] | None = None) -> int:
+    plan = parse_args(argv)
+    preflight()
+    started = time.monotonic()
+    base = Path(tempfile.mkdtemp(prefix="meshproxy-bench-"))
+    (base / "logs").mkdir()
+    (base / "work").mkdir()
+    procs = Processes(base / "logs")
+    mesh = BenchMesh(base)
+    ok = False
+    with signals_as_interrupts():
+        try:
+            build_tools(base / "bin")
+            results = Results(*describe_machine())
+            print(f"bench: in {base}: coordinator, manifest, certificates", flush=True)
+            mesh.start()
+            ctx = Context(
+                procs,
+                mesh.cert_files(base / "certs"),
+                base / "bin",
+                base / "work",
+                base / "work" / "sink.sock",
+                base / "work" / "web.sock",
+            )
+            start_backends(ctx)
+            runner = Runner(plan, ctx, mesh, results)
+            if "ceilings" in plan.scenarios:
+                runner.ceilings()
+            runner.candidates(1)
+            runner.candidates(2)
+            runner.finish()
+            sizes = plan.sizes
+            results.notes += [
+                "backends: every candidate reaches the C sink and nginx over Unix sockets",
+                f"{'quick' if plan.quick else 'full'} run: bulk {sizes.bulk_bytes // 2**20} MiB "
+                f"each way, wrk {sizes.wrk_seconds} s, handshakes {sizes.handshake_seconds:.0f} s, "
+                f"{plan.reps} repetition(s) per cell (median), "
+                f"{time.monotonic() - started:.0f} s in total",
+            ]
+            results.write(RESULTS)
+            print("\n" + render(results))
+            print(f"\nbench: wrote {RESULTS}")
+            ok = True
+        except KeyboardInterrupt:
+            print("\nbench: interrupted; stopping everything it started", file=sys.stderr)
+        finally:
+            procs.stop_all()
+            mesh.close()
+            if ok and not plan.keep:
+                shutil.rmtree(base, ignore_errors=True)
+            else:
+                print(f"bench: configs and logs kept in {base}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
