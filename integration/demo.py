@@ -32,15 +32,17 @@ def call_frontend(port: int, root_pem: Path, marker: str) -> dict[str, object]:
     ctx = ssl.create_default_context(cafile=str(root_pem))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     conn = http.client.HTTPSConnection("localhost", port, context=ctx, timeout=15)
+    conn.connect()
+    cert = conn.sock.getpeercert() if conn.sock else None
     conn.request("GET", "/", headers={"X-Demo-Marker": marker})
     resp = conn.getresponse()
     body = resp.read()
-    cert = conn.sock.getpeercert() if conn.sock else None
     conn.close()
     if resp.status != 200:
         raise RuntimeError(f"frontend answered HTTP {resp.status}: {body!r}")
     doc = json.loads(body)
-    doc["_server_cert_subject"] = dict(x[0] for x in cert["subject"]) if cert else {}
+    subject = cert.get("subject", ()) if cert else ()
+    doc["_server_cert_subject"] = ", ".join(f"{k}={v}" for rdn in subject for k, v in rdn)
     return doc
 
 
@@ -61,7 +63,7 @@ def main() -> int:
                     str(conf / "enclave-signer.pem"),
                 )
                 uid = c.cli("enclave", "uniqueid", str(conf / f"{name}.enclave.signed.json"))
-                show(f"{name}: UniqueID {uid.stdout.strip()}  {res.stdout.strip()}")
+                show(f"{res.stdout.splitlines()[0]}: UniqueID {uid.stdout.strip()}")
 
             step("Start a coordinator in SIMULATION mode (state in a temporary directory)")
             c.start_coordinator(client_port=int(ports["24433"]), mesh_port=int(ports["22001"]))
