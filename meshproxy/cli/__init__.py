@@ -23,6 +23,8 @@ _GROUPS = (
     "meshproxy.cli.run",
     "meshproxy.cli.enclave",
     "meshproxy.cli.quote",
+    "meshproxy.cli.secret",
+    "meshproxy.cli.recover",
 )
 
 

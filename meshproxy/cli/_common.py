@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
 
-from meshproxy.coordinator.client import Connection, fetch_evidence
-from meshproxy.errors import UsageError
+from meshproxy.coordinator.client import ClientIdentity, Connection, fetch_evidence
+from meshproxy.errors import PKIError, UsageError
 from meshproxy.pki import cert_from_pem
 
 
@@ -83,11 +85,73 @@ def trusted_root(args: argparse.Namespace) -> x509.Certificate:
     ).root
 
 
-def connect(args: argparse.Namespace) -> Connection:
-    return Connection(args.coordinator, trusted_root(args), args.timeout)
+def connect(
+    args: argparse.Namespace,
+    *,
+    identity: ClientIdentity | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Connection:
+    return Connection(
+        args.coordinator, trusted_root(args), args.timeout, identity=identity, headers=headers
+    )
 
 
-def write_output(path: Path | None, data: bytes) -> None:
+def add_user_options(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """``--cert``/``--key``: the manifest user's client certificate and private key."""
+    what = "the manifest user's" if required else "a client (the owner's, or a user's)"
+    p.add_argument(
+        "--cert",
+        type=Path,
+        required=required,
+        metavar="USER_PEM",
+        help=f"{what} certificate (PEM)",
+    )
+    p.add_argument(
+        "--key",
+        type=Path,
+        required=required,
+        metavar="USER_KEY",
+        help="its private key (PEM, unencrypted); read only by the TLS library",
+    )
+
+
+def user_identity(args: argparse.Namespace) -> ClientIdentity | None:
+    """The client identity from ``--cert``/``--key``, checked before any connection."""
+    cert_path, key_path = getattr(args, "cert", None), getattr(args, "key", None)
+    if cert_path is None and key_path is None:
+        return None
+    if cert_path is None or key_path is None:
+        raise UsageError("--cert and --key go together")
+    try:
+        data = cert_path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--cert {cert_path}: {exc.strerror}") from None
+    if not key_path.is_file():
+        raise UsageError(f"--key {key_path}: no such file")
+    try:
+        cert = cert_from_pem(data, f"--cert {cert_path}")
+    except PKIError as exc:
+        raise UsageError(str(exc)) from None
+    now = datetime.now(UTC)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise UsageError(
+            f"--cert {cert_path} is not valid now (valid "
+            f"{cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ} to "
+            f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ})"
+        )
+    return ClientIdentity(cert_path, key_path)
+
+
+def read_file(path: Path, flag: str = "") -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{flag + ' ' if flag else ''}{path}: {exc.strerror}") from None
+
+
+def write_output(path: Path | None, data: bytes, *, private: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically (stdout for None or "-"); ``private`` files
+    are created 0600, for secrets and keys."""
     if path is None or str(path) == "-":
         import sys
 
@@ -97,7 +161,9 @@ def write_output(path: Path | None, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror}") from None

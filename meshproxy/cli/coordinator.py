@@ -15,9 +15,16 @@ def register(sub: Any) -> None:
         "coordinator",
         help="run a coordinator",
         description="Run a coordinator: it attests marbles, issues their certificates, "
-        "serves the manifest and its own quote. Runs until SIGTERM.",
+        "serves the manifest and its own quote, users' secrets and updates. Several replicas "
+        "share state with --store etcd; a new replica gets the state key from an attested "
+        "peer. Runs until SIGTERM.",
     )
-    p.add_argument("--state-dir", type=Path, required=True, help="where sealed state is kept")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        required=True,
+        help="where sealed state is kept (--store file) and endpoints.json is written",
+    )
     p.add_argument("--client-addr", default=":4433", metavar="HOST:PORT", help="client API (:4433)")
     p.add_argument("--mesh-addr", default=":2001", metavar="HOST:PORT", help="mesh API (:2001)")
     p.add_argument(
@@ -33,6 +40,49 @@ def register(sub: Any) -> None:
         help="run without SGX: simulated quotes, marked in every certificate and status",
     )
     p.add_argument("--platform-dir", type=Path, metavar="DIR", help="simulated platform directory")
+    p.add_argument(
+        "--trust-sim-platform",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also accept quotes of this simulated machine (marbles rescheduled there, peer "
+        "replicas); repeatable",
+    )
+    p.add_argument(
+        "--store",
+        choices=["file", "etcd"],
+        default="file",
+        help="where sealed state lives: a file in --state-dir (default), or etcd, shared by "
+        "several coordinator replicas",
+    )
+    p.add_argument(
+        "--etcd-endpoints",
+        default="",
+        metavar="URL,...",
+        help="etcd client URLs for --store etcd (e.g. http://127.0.0.1:2379)",
+    )
+    p.add_argument("--etcd-prefix", default="/meshproxy/", help="etcd key prefix (/meshproxy/)")
+    p.add_argument(
+        "--advertise",
+        metavar="HOST:PORT",
+        help="the mesh address peer replicas reach this one at (default: the bound address)",
+    )
+    owner = p.add_argument_group(
+        "owner", "who may set the first manifest (default: whoever comes first)"
+    )
+    owner.add_argument(
+        "--owner-cert",
+        type=Path,
+        metavar="PEM",
+        help="the first 'manifest set' must present this client certificate",
+    )
+    owner.add_argument(
+        "--owner-token-file",
+        type=Path,
+        metavar="FILE",
+        help="the first 'manifest set' must present the token in FILE (--owner-token)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", default="json", choices=["json", "text"])
     p.set_defaults(func=_run)
@@ -49,6 +99,13 @@ def _addr(text: str, flag: str) -> tuple[str, int]:
 def _run(args: argparse.Namespace) -> int:
     from meshproxy.coordinator._server import Options, run
 
+    endpoints = tuple(e.strip() for e in args.etcd_endpoints.split(",") if e.strip())
+    if args.store == "etcd" and not endpoints:
+        raise UsageError("--store etcd needs --etcd-endpoints URL[,URL...]")
+    if args.store != "etcd" and endpoints:
+        raise UsageError("--etcd-endpoints is only for --store etcd")
+    if args.advertise is not None:
+        _addr(args.advertise, "--advertise")
     return run(
         Options(
             state_dir=args.state_dir,
@@ -59,5 +116,12 @@ def _run(args: argparse.Namespace) -> int:
             platform_dir=args.platform_dir,
             log_level=args.log_level,
             log_format=args.log_format,
+            store=args.store,
+            etcd_endpoints=endpoints,
+            etcd_prefix=args.etcd_prefix,
+            owner_cert=args.owner_cert,
+            owner_token_file=args.owner_token_file,
+            trust_platforms=tuple(args.trust_sim_platform),
+            advertise=args.advertise,
         )
     )

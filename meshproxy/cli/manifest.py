@@ -1,4 +1,4 @@
-"""``meshproxy manifest set|get|verify``."""
+"""``meshproxy manifest set|get|verify|log|update``."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ from typing import Any
 
 from meshproxy.cli._common import (
     add_coordinator_options,
+    add_user_options,
     connect,
+    read_file,
     saved_root_path,
+    user_identity,
     write_output,
 )
 from meshproxy.coordinator import _wire as wire
@@ -22,20 +25,35 @@ from meshproxy.errors import ManifestError, UsageError
 from meshproxy.manifest import parse_manifest
 from meshproxy.pki import cert_to_pem
 
+RECOVERY_SUFFIX = ".recovery-secret"
+
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
-        "manifest", help="set, get and verify the manifest", description="Manage the manifest."
+        "manifest",
+        help="set, get, verify and update the manifest",
+        description="Manage the manifest.",
     )
     msub = p.add_subparsers(dest="manifest_command", metavar="SUBCOMMAND", required=True)
 
     s = msub.add_parser(
         "set",
         help="set the first manifest",
-        description="Validate FILE locally, then set it as the coordinator's manifest.",
+        description="Validate FILE locally, then set it as the coordinator's manifest. If the "
+        "manifest has RecoveryKeys, the encrypted recovery secrets the coordinator returns "
+        "are saved as DIR/<key name>.recovery-secret (and printed as JSON on stdout); keep "
+        "each with the holder of that key. A coordinator started with an owner accepts the "
+        "first manifest only with the owner's certificate (--cert/--key) or token.",
     )
     s.add_argument("file", type=Path, metavar="FILE")
     add_coordinator_options(s)
+    add_user_options(s, required=False)
+    _recovery_dir_option(s)
+    token = s.add_mutually_exclusive_group()
+    token.add_argument("--owner-token", metavar="TOKEN", help="the coordinator owner's token")
+    token.add_argument(
+        "--owner-token-file", type=Path, metavar="FILE", help="read the owner's token from FILE"
+    )
     s.set_defaults(func=_set)
 
     g = msub.add_parser("get", help="print the manifest the coordinator enforces")
@@ -55,25 +73,90 @@ def register(sub: Any) -> None:
     v.add_argument("-o", "--output", type=Path, metavar="ROOT_PEM", help="also write the root here")
     v.set_defaults(func=_verify)
 
+    lg = msub.add_parser(
+        "log",
+        help="print the update log",
+        description="Print the coordinator's update log: one JSON line per change (manifest "
+        "set, package and manifest updates, secrets written, recoveries).",
+    )
+    add_coordinator_options(lg)
+    lg.set_defaults(func=_log)
 
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"{path}: {exc.strerror}") from None
+    u = msub.add_parser(
+        "update",
+        help="update the manifest (packages or the whole manifest)",
+        description="Update the manifest. A FILE with only Packages.<name>.SecurityVersion is "
+        "a package update, applied at once (UpdateSecurityVersion). Any other FILE is a full "
+        "update (UpdateManifest): it applies once enough users acknowledged it "
+        "(Config.UpdateThreshold, or all users holding UpdateManifest).",
+    )
+    usub = u.add_subparsers(dest="update_command", metavar="SUBCOMMAND", required=True)
+    for name, text, func in (
+        ("apply", "propose FILE as an update (and acknowledge it)", _apply),
+        ("acknowledge", "acknowledge the pending update, which must be exactly FILE", _ack),
+    ):
+        c = usub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        c.add_argument("file", type=Path, metavar="FILE")
+        add_coordinator_options(c)
+        add_user_options(c)
+        _recovery_dir_option(c)
+        c.set_defaults(func=func)
+    c = usub.add_parser("cancel", help="cancel the pending update", description="Cancel it.")
+    add_coordinator_options(c)
+    add_user_options(c)
+    c.set_defaults(func=_cancel)
+    c = usub.add_parser(
+        "get",
+        help="show the pending update",
+        description="Print the pending update's manifest and who has yet to acknowledge it.",
+    )
+    add_coordinator_options(c)
+    c.add_argument("-o", "--output", type=Path, help="write the pending manifest here")
+    c.set_defaults(func=_pending)
+
+
+def _recovery_dir_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--recovery-dir",
+        type=Path,
+        default=Path(),
+        metavar="DIR",
+        help="where recovery secrets are saved (default: the current directory)",
+    )
+
+
+def save_recovery_secrets(secrets: dict[str, str], directory: Path) -> list[Path]:
+    """Write each key's encrypted recovery secret (raw RSA-OAEP ciphertext, 0600)."""
+    paths = []
+    for name, value in sorted(secrets.items()):
+        if not name or "/" in name or name in (".", ".."):
+            raise UsageError(f"recovery key name {name!r} cannot be a file name")
+        path = directory / f"{name}{RECOVERY_SUFFIX}"
+        write_output(path, base64.b64decode(value), private=True)
+        paths.append(path)
+    return paths
+
+
+def _report_recovery(secrets: dict[str, str], directory: Path) -> None:
+    if not secrets:
+        return
+    json.dump(secrets, sys.stdout, indent=2)
+    print()
+    for path in save_recovery_secrets(secrets, directory):
+        print(f"recovery secret saved to {path}", file=sys.stderr)
 
 
 def _set(args: argparse.Namespace) -> int:
-    raw = _read(args.file)
+    raw = read_file(args.file)
     parse_manifest(raw, args.file.name)  # fail here, with the file's name, before sending
-    data = connect(args).request(
-        "POST", wire.CLIENT_PATHS["manifest"], {"manifest": wire.b64e(raw)}
-    )
+    token = args.owner_token
+    if args.owner_token_file is not None:
+        token = read_file(args.owner_token_file, "--owner-token-file").decode().strip()
+    headers = {wire.OWNER_TOKEN_HEADER: f"Bearer {token}"} if token else None
+    conn = connect(args, identity=user_identity(args), headers=headers)
+    data = conn.request("POST", wire.CLIENT_PATHS["manifest"], {"manifest": wire.b64e(raw)})
     print(f"manifest set (fingerprint {hashlib.sha256(raw).hexdigest()})", file=sys.stderr)
-    secrets = (data or {}).get("RecoverySecrets") or {}
-    if secrets:
-        json.dump(secrets, sys.stdout, indent=2)
-        print()
+    _report_recovery((data or {}).get("RecoverySecrets") or {}, args.recovery_dir)
     return 0
 
 
@@ -86,7 +169,7 @@ def _get(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    raw = _read(args.file)
+    raw = read_file(args.file)
     expected = hashlib.sha256(raw).hexdigest()
     evidence = fetch_evidence(
         args.coordinator,
@@ -116,4 +199,61 @@ def _verify(args: argparse.Namespace) -> int:
         f"manifest verified: fingerprint {actual}\n"
         f"root certificate saved to {args.output or saved_root_path(args.coordinator)}"
     )
+    return 0
+
+
+def _log(args: argparse.Namespace) -> int:
+    data = connect(args).request("GET", wire.CLIENT_PATHS["update"])
+    for line in data.get("updateLog") or []:
+        print(line)
+    return 0
+
+
+def _print_update(data: dict[str, Any], args: argparse.Namespace) -> None:
+    print(data.get("message", ""))
+    missing = data.get("missingUsers") or []
+    if data.get("missingAcknowledgments"):
+        print(
+            f"{data['missingAcknowledgments']} acknowledgement(s) missing; not yet "
+            f"acknowledged by: {', '.join(missing) or '-'}"
+        )
+    _report_recovery(data.get("recoverySecrets") or {}, args.recovery_dir)
+
+
+def _apply(args: argparse.Namespace) -> int:
+    raw = read_file(args.file)
+    data = connect(args, identity=user_identity(args)).request(
+        "POST", wire.CLIENT_PATHS["update"], {"manifest": wire.b64e(raw)}
+    )
+    _print_update(data or {}, args)
+    return 0
+
+
+def _ack(args: argparse.Namespace) -> int:
+    raw = read_file(args.file)
+    data = connect(args, identity=user_identity(args)).request(
+        "POST", wire.CLIENT_PATHS["update_manifest"], {"manifest": wire.b64e(raw)}
+    )
+    _print_update(data or {}, args)
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    data = connect(args, identity=user_identity(args)).request(
+        "POST", wire.CLIENT_PATHS["update_cancel"], {}
+    )
+    print((data or {}).get("message", "update cancelled"))
+    return 0
+
+
+def _pending(args: argparse.Namespace) -> int:
+    data = connect(args).request("GET", wire.CLIENT_PATHS["update_manifest"])
+    raw = base64.b64decode(data["manifest"])
+    print(
+        f"pending update {hashlib.sha256(raw).hexdigest()}: "
+        f"{data['missingAcknowledgments']} acknowledgement(s) missing; not yet acknowledged "
+        f"by: {', '.join(data.get('missingUsers') or []) or '-'}",
+        file=sys.stderr,
+    )
+    write_output(args.output, raw)
     return 0

@@ -1,9 +1,15 @@
 """The coordinator's logic, without I/O: every method takes ``now`` and returns values.
 
 Theory of operation: the core owns ``PersistentState`` and a ``commit`` callback that seals
-and stores it. Every mutating operation builds the new state, commits it, and only then
-answers; if the commit fails, the operation fails and memory keeps the old state. Callers
-run all methods on one worker thread, which serializes them (the core's mutex).
+and stores it. Every mutating operation is a pure function from the current state to the
+next one (``_transact``): it is committed, and only then does the core answer and adopt
+it; if the commit fails the operation fails and memory keeps the old state. When replicas
+share the store, ``refresh`` returns the state another replica committed (checked before
+every operation), and a commit that lost a compare-and-swap (``StoreConflict``) is computed
+again on the fresh state; that is how MaxActivations holds across replicas. Callers run all
+methods on one worker thread, which serializes them (the core's mutex).
+
+The client-API operations on users, secrets, updates and recovery are in ``_admin``.
 """
 
 from __future__ import annotations
@@ -11,11 +17,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import uuid as uuidlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from typing import Protocol
 
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -25,15 +34,21 @@ from meshproxy.attestation import (
     PackagePolicy,
     QuoteProvider,
     TrustAnchor,
+    VerifiedQuote,
     check_package,
     verify_quote,
 )
-from meshproxy.coordinator import _secrets
+from meshproxy.coordinator import _recovery, _secrets
+from meshproxy.coordinator._auth import Owner, Unauthenticated
 from meshproxy.coordinator._persist import PersistentState
+from meshproxy.coordinator._recovery import Recoverer, RecoveryInfo
 from meshproxy.coordinator._state import MESSAGES, Event, State, advance, require
-from meshproxy.errors import AttestationError, PKIError, PolicyError
+from meshproxy.coordinator._store import StoreConflict
+from meshproxy.coordinator._updates import effective, log_line
+from meshproxy.errors import AttestationError, PKIError, PolicyError, StoreError
 from meshproxy.manifest import (
     Manifest,
+    Marble,
     Package,
     RenderedParameters,
     SecretValue,
@@ -55,6 +70,7 @@ from meshproxy.pki import (
 log = logging.getLogger("meshproxy.coordinator")
 NONCE_TTL = timedelta(seconds=60)
 MAX_PENDING_NONCES = 10_000
+_CAS_ATTEMPTS = 50
 
 
 @dataclass(frozen=True)
@@ -71,6 +87,26 @@ class ActivationResult:
     leaf_pem: bytes
     parameters: RenderedParameters
     simulated: bool
+
+
+@dataclass(frozen=True)
+class RenewalResult:
+    leaf_pem: bytes
+    simulated: bool
+
+
+@dataclass(frozen=True)
+class ManifestResult:
+    manifest: Manifest
+    # key name -> RSA-OAEP ciphertext of its share
+    recovery_secrets: dict[str, bytes] = field(repr=False)
+
+
+class LockedState(Protocol):
+    """Sealed state this coordinator cannot open (recovery mode); the vault provides it."""
+
+    def locked_recovery(self) -> RecoveryInfo | None: ...
+    def open_with_data_key(self, dek: Secret) -> PersistentState: ...
 
 
 def report_data_for(public_key_der: bytes, nonce: bytes) -> bytes:
@@ -91,13 +127,20 @@ class CoordinatorCore:
         provider: QuoteProvider,
         anchors: Sequence[TrustAnchor],
         simulation: bool,
+        refresh: Callable[[], PersistentState | None] | None = None,
+        locked: LockedState | None = None,
+        owner: Owner | None = None,
     ) -> None:
         self._s = persistent
         self._commit = commit
+        self._refresh = refresh
+        self._locked = locked
         self._provider = provider
         self._anchors = tuple(anchors)
         self.simulation = simulation
+        self.owner = owner
         self._nonces: dict[bytes, datetime] = {}
+        self._recoverer: Recoverer | None = None
         self.activated: dict[str, int] = {}  # since this process started, for status/metrics
         self._manifest = (
             parse_manifest(persistent.manifest_raw) if persistent.manifest_raw else None
@@ -117,6 +160,41 @@ class CoordinatorCore:
             root_secret=Secret(os.urandom(32)),
         )
 
+    # -- shared state ----------------------------------------------------------------------
+    def sync(self) -> None:
+        """Adopt what another replica committed (a no-op with a store of our own)."""
+        if self._refresh is None or self._s.state is State.RECOVERY:
+            return
+        fresh = self._refresh()
+        if fresh is not None:
+            self._adopt(fresh)
+
+    def unlock(self, persistent: PersistentState) -> None:
+        """Leave recovery mode with state opened by other means (a peer replica's key)."""
+        if self._s.state is not State.RECOVERY:
+            return
+        self._locked, self._recoverer = None, None
+        self._adopt(persistent)
+        log.info("state unlocked", extra={"state": persistent.state.name})
+
+    def _adopt(self, new: PersistentState) -> None:
+        if new.manifest_raw != self._s.manifest_raw or self._manifest is None:
+            self._manifest = parse_manifest(new.manifest_raw) if new.manifest_raw else None
+        self._s = new
+
+    def transact(self, change: Callable[[PersistentState], PersistentState]) -> PersistentState:
+        """Commit ``change(current)``; on a lost compare-and-swap, recompute on fresh state."""
+        for _ in range(_CAS_ATTEMPTS):
+            new = change(self._s)
+            try:
+                self._commit(new)
+            except StoreConflict:
+                self.sync()
+                continue
+            self._adopt(new)
+            return new
+        raise StoreError("the shared state kept changing under this replica; retry")
+
     # -- read side -----------------------------------------------------------------------
     @property
     def state(self) -> State:
@@ -134,11 +212,19 @@ class CoordinatorCore:
     def manifest(self) -> Manifest | None:
         return self._manifest
 
+    @property
+    def persistent(self) -> PersistentState:
+        return self._s
+
     def status(self) -> tuple[int, str]:
         message = MESSAGES[self._s.state]
         if self.simulation:
             message += " SIMULATION MODE: no hardware isolation; quotes are simulated."
         return int(self._s.state), message
+
+    def activation_counts(self) -> dict[str, int]:
+        """Counted activations per marble type, as committed (shared by all replicas)."""
+        return dict(self._s.activations)
 
     def quote(self, nonce: bytes) -> bytes:
         """The coordinator's quote binding its root certificate (and the client's nonce)."""
@@ -156,30 +242,120 @@ class CoordinatorCore:
         sig = self._s.root.key.sign(raw, ec.ECDSA(hashes.SHA256()))
         return raw, self._manifest.fingerprint, sig
 
-    # -- write side ----------------------------------------------------------------------
+    def current_manifest(self) -> Manifest:
+        """The manifest in force; only called where the state guarantees one."""
+        assert self._manifest is not None
+        return self._manifest
+
+    # -- the first manifest ------------------------------------------------------------------
     def set_manifest(self, raw: bytes, *, now: datetime) -> Manifest:
+        return self.initialize(raw, now=now, owner_ok=True).manifest
+
+    def initialize(
+        self,
+        raw: bytes,
+        *,
+        now: datetime,
+        owner_ok: bool = False,
+        cert_der: bytes | None = None,
+        token: str | None = None,
+    ) -> ManifestResult:
+        """Set the first manifest (or a new one in recovery mode, discarding the old state).
+
+        With an owner configured, the caller must present its certificate or token
+        (``owner_ok`` is for callers that checked that themselves).
+        """
+        self.sync()
         require(self._s.state, "set_manifest")
+        if self.owner is not None and not owner_ok and not self.owner.admits(cert_der, token):
+            raise Unauthenticated(
+                "this coordinator only accepts its first manifest from its owner: present the "
+                "owner's client certificate (--cert/--key) or token (--owner-token)"
+            )
         manifest = parse_manifest(raw, "manifest")
-        inter = create_intermediate(
-            self._s.root, now=now, simulated=self.simulation, key=generate_key()
-        )
-        shared = _secrets.generate_shared(manifest, inter, now)
-        new = replace(
-            self._s,
-            state=advance(self._s.state, Event.MANIFEST_SET),
-            intermediate=inter,
-            manifest_raw=raw,
-            shared_secrets=shared,
-            activations={},
-        )
-        self._commit(new)
-        self._s, self._manifest = new, manifest
+        keys = manifest.recovery_keys
+        dek, info, secrets = _recovery.generate(keys, manifest.config.recovery_threshold)
+        discarded = self._s.state is State.RECOVERY
+
+        def change(s: PersistentState) -> PersistentState:
+            require(s.state, "set_manifest")
+            inter = create_intermediate(
+                s.root, now=now, simulated=self.simulation, key=generate_key()
+            )
+            line = log_line(
+                now,
+                "Initial manifest set",
+                manifestFingerprint=manifest.fingerprint,
+                **({"discardedSealedState": True} if discarded else {}),
+            )
+            return replace(
+                s,
+                state=advance(s.state, Event.MANIFEST_SET),
+                intermediate=inter,
+                manifest_raw=raw,
+                shared_secrets=_secrets.generate_shared(manifest, inter, now),
+                activations={},
+                instances={},
+                update_log=[line],
+                dek=dek,
+                recovery=info,
+            )
+
+        self.transact(change)
+        self._locked, self._recoverer = None, None
         log.info(
             "manifest set",
-            extra={"fingerprint": manifest.fingerprint, "marbles": sorted(manifest.marbles)},
-        )
-        return manifest
+            extra={"fingerprint": manifest.fingerprint, "marbles": sorted(manifest.marbles),
+                   "recovery_keys": len(keys)},
+        )  # fmt: skip
+        return ManifestResult(manifest, secrets)
 
+    # -- recovery ---------------------------------------------------------------------------
+    def recovery_info(self) -> RecoveryInfo | None:
+        return self._locked.locked_recovery() if self._locked is not None else None
+
+    def recover(self, share: bytes, signature: bytes, *, now: datetime) -> tuple[int, str]:
+        """Take one recovery secret; with the last one, open and restore the sealed state."""
+        require(self._s.state, "recover")
+        info = self.recovery_info()
+        if self._locked is None or info is None:
+            raise PolicyError("there is no sealed state to recover; set a manifest instead")
+        if self._recoverer is None or self._recoverer.info != info:
+            self._recoverer = Recoverer(info)
+        name, remaining = self._recoverer.add(share, signature)
+        log.info("recovery secret accepted", extra={"recovery_key": name, "remaining": remaining})
+        if remaining:
+            return remaining, f"Recovery secret of {name!r} accepted; {remaining} more needed."
+        dek = self._recoverer.key()
+        signers = self._recoverer.signers
+        assert dek is not None
+        try:
+            restored = self._locked.open_with_data_key(dek)
+        except StoreError:
+            self._recoverer = None
+            raise PolicyError(
+                "the recovery secrets do not open the sealed state; upload them again"
+            ) from None
+        manifest = (
+            parse_manifest(restored.manifest_raw, "sealed manifest")
+            if (restored.manifest_raw)
+            else None
+        )
+        if manifest is None or not restored.recovery.same_keys(
+            manifest.recovery_keys, manifest.config.recovery_threshold
+        ):
+            self._recoverer = None
+            raise PolicyError("the sealed state's recovery keys do not match its manifest")
+        line = log_line(now, "Coordinator recovered", recoveryKeys=list(signers))
+        state = advance(State.RECOVERY, Event.RECOVERED)
+        self.transact(
+            lambda _: replace(restored, state=state, update_log=[*restored.update_log, line])
+        )
+        self._locked, self._recoverer = None, None
+        log.info("coordinator recovered", extra={"recovery_keys": list(signers)})
+        return 0, "Recovery successful."
+
+    # -- activation ---------------------------------------------------------------------------
     def new_nonce(self, *, now: datetime) -> bytes:
         require(self._s.state, "activate")
         self._nonces = {n: t for n, t in self._nonces.items() if t > now}
@@ -189,17 +365,14 @@ class CoordinatorCore:
         self._nonces[nonce] = now + NONCE_TTL
         return nonce
 
-    def activate(self, req: ActivationRequest, *, now: datetime) -> ActivationResult:
-        """Attest a marble and issue what it gets; every refusal says why."""
-        require(self._s.state, "activate")
-        manifest = self._manifest
-        assert manifest is not None
+    def _attest(
+        self, req: ActivationRequest, now: datetime, operation: str
+    ) -> tuple[uuidlib.UUID, x509.CertificateSigningRequest, VerifiedQuote]:
+        """Everything both activation and renewal check before the manifest's rules."""
+        require(self._s.state, operation)
         expiry = self._nonces.pop(req.nonce, None)
         if expiry is None or expiry <= now:
             raise PolicyError("activation nonce is unknown, used or expired; request a new one")
-        marble = manifest.marbles.get(req.marble_type)
-        if marble is None:
-            raise PolicyError(f"unknown marble type {req.marble_type!r}: not in the manifest")
         try:
             instance = uuidlib.UUID(req.uuid)
         except ValueError:
@@ -218,44 +391,153 @@ class CoordinatorCore:
                 "quote does not bind this CSR's key and the coordinator's nonce (report data "
                 "mismatch): the quote was made for another key or activation"
             )
-        package = manifest.packages[marble.package]
+        return instance, csr, verified
+
+    def _check_marble(
+        self, s: PersistentState, manifest: Manifest, marble_type: str, verified: VerifiedQuote
+    ) -> Marble:
+        marble = manifest.marbles.get(marble_type)
+        if marble is None:
+            raise PolicyError(f"unknown marble type {marble_type!r}: not in the manifest")
+        package = effective(manifest.packages[marble.package], s.package_svn)
         try:
             check_package(verified, _policy(package), allow_simulation=self.simulation)
         except PolicyError as exc:
             raise PolicyError(f"marble does not satisfy package {package.name!r}: {exc}") from None
-        count = self._s.activations.get(req.marble_type, 0)
-        if marble.max_activations and count >= marble.max_activations:
-            raise PolicyError(
-                f"marble type {req.marble_type!r} reached MaxActivations ({marble.max_activations})"
-            )
-        lifetime = timedelta(seconds=manifest.mesh.certificate_lifetime)
-        leaf = issue_leaf(
-            self._s.intermediate,
+        return marble
+
+    def _leaf(
+        self,
+        s: PersistentState,
+        manifest: Manifest,
+        csr: x509.CertificateSigningRequest,
+        marble_type: str,
+        instance: uuidlib.UUID,
+        now: datetime,
+    ) -> x509.Certificate:
+        return issue_leaf(
+            s.intermediate,
             csr,
             trust_domain=manifest.mesh.trust_domain,
-            marble_type=req.marble_type,
+            marble_type=marble_type,
             instance=instance,
             dns_names=csr_dns_names(csr),
-            lifetime=lifetime,
+            lifetime=timedelta(seconds=manifest.mesh.certificate_lifetime),
             now=now,
             simulated=self.simulation,
         )
+
+    def activate(self, req: ActivationRequest, *, now: datetime) -> ActivationResult:
+        """Attest a marble and issue what it gets; every refusal says why."""
+        self.sync()
+        instance, csr, verified = self._attest(req, now, "activate")
+        out: list[ActivationResult] = []
+
+        def change(s: PersistentState) -> PersistentState:
+            # Recomputed from scratch if another replica committed meanwhile.
+            out.clear()
+            manifest = self.current_manifest()
+            marble = self._check_marble(s, manifest, req.marble_type, verified)
+            count = s.activations.get(req.marble_type, 0)
+            if marble.max_activations and count >= marble.max_activations:
+                raise PolicyError(
+                    f"marble type {req.marble_type!r} reached MaxActivations "
+                    f"({marble.max_activations})"
+                )
+            leaf = self._leaf(s, manifest, csr, req.marble_type, instance, now)
+            params = self._parameters(s, manifest, marble, str(instance), leaf, csr, now)
+            out.append(
+                ActivationResult(leaf.public_bytes(Encoding.PEM), params, verified.simulated)
+            )
+            if not marble.max_activations:
+                return s
+            # Counted activations are committed before the marble gets anything, so a crash
+            # can lose an activation's answer but never let one exceed MaxActivations.
+            uuids = s.instances.get(req.marble_type, [])
+            return replace(
+                s,
+                activations={**s.activations, req.marble_type: count + 1},
+                instances={
+                    **s.instances,
+                    req.marble_type: uuids if str(instance) in uuids else [*uuids, str(instance)],
+                },
+            )
+
+        if self._needs_commit(req.marble_type):
+            self.transact(change)
+        else:
+            change(self._s)
+        self.activated[req.marble_type] = self.activated.get(req.marble_type, 0) + 1
+        return out[0]
+
+    def _needs_commit(self, marble_type: str) -> bool:
+        marble = self.current_manifest().marbles.get(marble_type)
+        return marble is not None and marble.max_activations > 0
+
+    def renew(self, req: ActivationRequest, *, now: datetime) -> RenewalResult:
+        """A new leaf under the current intermediate for a marble that attests again.
+
+        Not counted against MaxActivations; for a counted marble type the UUID must be one
+        this cluster activated. Refused when the marble no longer satisfies the manifest.
+        """
+        self.sync()
+        instance, csr, verified = self._attest(req, now, "renew")
+        s, manifest = self._s, self.current_manifest()
+        marble = self._check_marble(s, manifest, req.marble_type, verified)
+        if marble.max_activations and str(instance) not in s.instances.get(req.marble_type, []):
+            raise PolicyError(
+                f"marble {instance} of type {req.marble_type!r} was never activated by this "
+                "cluster: activate it (renewal is only for running marbles)"
+            )
+        leaf = self._leaf(s, manifest, csr, req.marble_type, instance, now)
+        return RenewalResult(leaf.public_bytes(Encoding.PEM), verified.simulated)
+
+    def _parameters(
+        self,
+        s: PersistentState,
+        manifest: Manifest,
+        marble: Marble,
+        instance: str,
+        leaf: x509.Certificate,
+        csr: x509.CertificateSigningRequest,
+        now: datetime,
+    ) -> RenderedParameters:
+        unset = [
+            name
+            for name, spec in manifest.secrets.items()
+            if spec.user_defined and name not in s.user_secrets and _uses(marble, name)
+        ]
+        if unset:
+            raise PolicyError(
+                f"marble type {marble.name!r} uses user-defined secret(s) "
+                f"{', '.join(repr(n) for n in unset)} that no user has set yet "
+                "(meshproxy secret set)"
+            )
+        known = {**s.shared_secrets, **s.user_secrets}
         secrets = _secrets.for_marble(
             manifest,
-            self._s.shared_secrets,
-            self._s.intermediate,
-            self._s.root_secret,
-            marble_type=req.marble_type,
-            instance=str(instance),
+            known,
+            s.intermediate,
+            s.root_secret,
+            marble_type=marble.name,
+            instance=instance,
             now=now,
+        )
+        previous = _secrets.previous_for_marble(
+            manifest,
+            secrets,
+            s.previous_shared,
+            s.previous_root_secret,
+            marble_type=marble.name,
+            instance=instance,
         )
         data = TemplateData(
             secrets=secrets,
-            previous_secrets=secrets,
+            previous_secrets=previous,
             marblerun={
-                "RootCA": _cert_value(self._s.intermediate),
-                "CoordinatorRoot": _cert_value(self._s.root),
-                "CoordinatorIntermediate": _cert_value(self._s.intermediate),
+                "RootCA": _cert_value(s.intermediate),
+                "CoordinatorRoot": _cert_value(s.root),
+                "CoordinatorIntermediate": _cert_value(s.intermediate),
                 # The marble's private key never leaves the marble; templates get the cert.
                 "MarbleCert": SecretValue(
                     type="cert",
@@ -265,19 +547,13 @@ class CoordinatorCore:
                 ),
             },
         )
-        params = render_parameters(marble, data)
-        if marble.max_activations:
-            # Counted activations are committed before the marble gets anything, so a crash
-            # can lose an activation's answer but never let one exceed MaxActivations.
-            new = replace(self._s, activations={**self._s.activations, req.marble_type: count + 1})
-            self._commit(new)
-            self._s = new
-        self.activated[req.marble_type] = self.activated.get(req.marble_type, 0) + 1
-        return ActivationResult(
-            leaf_pem=leaf.public_bytes(Encoding.PEM),
-            parameters=params,
-            simulated=verified.simulated,
-        )
+        return render_parameters(marble, data)
+
+
+def _uses(marble: Marble, secret: str) -> bool:
+    pattern = re.compile(rb"\.Secrets\." + re.escape(secret.encode()) + rb"(?![\w])")
+    values = [*marble.parameters.files.values(), *marble.parameters.env.values()]
+    return any(not v.no_templates and pattern.search(v.data) for v in values)
 
 
 def _policy(p: Package) -> PackagePolicy:

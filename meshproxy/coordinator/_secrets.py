@@ -3,7 +3,14 @@
 * Shared secrets are generated once when the manifest is set and kept in the sealed state.
 * A marble's own symmetric keys are derived (HKDF-SHA256, MarbleRun's construction:
   salt = instance UUID || secret name, info = marble type), so a marble rescheduled with
-  the same UUID gets the same key on any node: a virtual sealing key.
+  the same UUID gets the same key on any node: a virtual sealing key. Unlike an SGX
+  sealing key it does not depend on the CPU: the inputs are the cluster's root secret
+  (sealed by the coordinator, shared by its replicas, restored by recovery) and what the
+  marble proves or names (its attested type, its UUID: the proxy's ``uuid_file`` or a pod
+  UID). It changes only with a new UUID, a renamed marble type, ``DisableSecretBinding``,
+  or ``RotateRootSecret`` (then the old key is ``.Previous.Secrets.NAME``, so data can be
+  re-encrypted). Tested: same UUID on another simulated machine, after a coordinator
+  restart, gets the same key (``test_coordinator_secrets``, ``test_lifecycle_updates``).
 * A marble's own certificate secrets are fresh on every activation.
 """
 
@@ -21,7 +28,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshproxy._redact import Secret
-from meshproxy.manifest import Manifest, SecretSpec, SecretValue
+from meshproxy.manifest import Manifest, Marble, SecretSpec, SecretValue
 from meshproxy.pki import Authority
 
 _CURVES: dict[int, ec.EllipticCurve] = {
@@ -53,21 +60,52 @@ def for_marble(
 ) -> dict[str, SecretValue]:
     out = dict(shared)
     marble = manifest.marbles[marble_type]
-    info = b"" if marble.disable_secret_binding else marble_type.encode()
     for name, spec in manifest.secrets.items():
         if spec.shared or spec.user_defined:
             continue
         if spec.type == "symmetric-key":
-            key = HKDF(
-                algorithm=hashes.SHA256(),
-                length=spec.size // 8,
-                salt=(instance + name).encode(),
-                info=info,
-            ).derive(root_secret.reveal())
-            out[name] = SecretValue(type=spec.type, cert=None, public=key, private=Secret(key))
+            out[name] = derive(spec, root_secret, marble, instance)
         else:
             out[name] = make_secret(spec, issuer, now)
     return out
+
+
+def previous_for_marble(
+    manifest: Manifest,
+    current: Mapping[str, SecretValue],
+    previous_shared: Mapping[str, SecretValue],
+    previous_root_secret: Secret | None,
+    *,
+    marble_type: str,
+    instance: str,
+) -> dict[str, SecretValue]:
+    """``.Previous.Secrets``: what the secrets were before the last root secret rotation.
+
+    Shared symmetric keys replaced by the rotation keep their old value; a marble's own
+    symmetric keys are derived from the previous root secret; everything else (and every
+    secret when the root secret was never rotated) is the current value.
+    """
+    if previous_root_secret is None:
+        return dict(current)
+    out = {**current, **{k: v for k, v in previous_shared.items() if k in current}}
+    marble = manifest.marbles[marble_type]
+    for name, spec in manifest.secrets.items():
+        if spec.type == "symmetric-key" and not (spec.shared or spec.user_defined):
+            out[name] = derive(spec, previous_root_secret, marble, instance)
+    return out
+
+
+def derive(spec: SecretSpec, root_secret: Secret, marble: Marble, instance: str) -> SecretValue:
+    """A marble's own symmetric key: the same for the same UUID on any node (virtual
+    sealing key); ``DisableSecretBinding`` leaves the marble type out, as MarbleRun does."""
+    info = b"" if marble.disable_secret_binding else marble.name.encode()
+    key = HKDF(
+        algorithm=hashes.SHA256(),
+        length=spec.size // 8,
+        salt=(instance + spec.name).encode(),
+        info=info,
+    ).derive(root_secret.reveal())
+    return SecretValue(type=spec.type, cert=None, public=key, private=Secret(key))
 
 
 def make_secret(spec: SecretSpec, issuer: Authority, now: datetime) -> SecretValue:

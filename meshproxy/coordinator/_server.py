@@ -1,45 +1,61 @@
 """Composition root of ``meshproxy coordinator``: builds the pieces, serves until SIGTERM.
 
-Startup: simulated platform and quote provider -> store + sealer -> load (or create, or
-enter recovery) -> core -> two HTTPS listeners. Simulation is announced at every start.
+Startup: simulated platform and quote provider -> store (file or etcd) + vault -> load (or
+create, or join via a peer, or enter recovery) -> core -> two HTTPS listeners. Simulation
+is announced at every start. A replica on etcd registers its mesh address for peers, and
+while it is locked out of the shared state it keeps asking them for the key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import signal
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from meshproxy._log import setup as setup_logging
 from meshproxy._redact import Secret
 from meshproxy.attestation import (
+    SIM_VENDOR_ID,
     EnclaveDescription,
     EnclaveIdentity,
     SimulationPlatform,
     SimulationProvider,
+    TrustAnchor,
     default_platform_dir,
     intel_anchor,
     measure,
     simulation_anchor,
 )
-from meshproxy.coordinator import _persist, _seal
+from meshproxy.coordinator import _replica
 from meshproxy.coordinator._api import Api
+from meshproxy.coordinator._auth import Owner
+from meshproxy.coordinator._boot import StateSync, load_or_create, register
 from meshproxy.coordinator._core import CoordinatorCore
-from meshproxy.coordinator._state import Event, State, advance
-from meshproxy.coordinator._store import FileStore
-from meshproxy.coordinator._tls import server_context
-from meshproxy.errors import MeshError
+from meshproxy.coordinator._etcd import EtcdStore
+from meshproxy.coordinator._state import State, require
+from meshproxy.coordinator._store import FileStore, VersionedStore
+from meshproxy.coordinator._tls import SwitchingContext
+from meshproxy.coordinator._vault import Vault
+from meshproxy.errors import ConfigError, MeshError, StoreError
+from meshproxy.pki import cert_from_pem, cert_to_pem
 
 log = logging.getLogger("meshproxy.coordinator")
 COORDINATOR_PRODUCT_ID = 1
 COORDINATOR_SECURITY_VERSION = 1
+KEY_RETRY_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +68,13 @@ class Options:
     platform_dir: Path | None
     log_level: str = "info"
     log_format: str = "json"
+    store: str = "file"  # file | etcd
+    etcd_endpoints: tuple[str, ...] = ()
+    etcd_prefix: str = "/meshproxy/"
+    owner_cert: Path | None = None
+    owner_token_file: Path | None = None
+    trust_platforms: tuple[Path, ...] = ()  # more simulated machines whose quotes count
+    advertise: str | None = None  # mesh address peers use; default: the bound one
 
 
 class _PlatformSealer:
@@ -74,8 +97,6 @@ def coordinator_identity() -> EnclaveIdentity:
         files=("meshproxy",),
     )
     unique_id, _ = measure(desc)
-    import hashlib
-
     return EnclaveIdentity(
         unique_id=unique_id,
         signer_id=hashlib.sha256(b"meshproxy simulation signer").digest(),
@@ -85,7 +106,55 @@ def coordinator_identity() -> EnclaveIdentity:
     )
 
 
-def build_core(options: Options, now: datetime) -> tuple[CoordinatorCore, FileStore]:
+def _platform_anchor(directory: Path) -> TrustAnchor:
+    """The simulation root of another simulated machine (only its root.pem is read)."""
+    path = directory / "root.pem"
+    try:
+        cert = cert_from_pem(path.read_bytes(), str(path))
+    except OSError as exc:
+        raise ConfigError(f"--trust-sim-platform {directory}: {exc.strerror}") from None
+    return TrustAnchor("simulation", cert, True, SIM_VENDOR_ID)
+
+
+def _owner(options: Options) -> Owner | None:
+    cert_der = token = None
+    if options.owner_cert is not None:
+        try:
+            cert = cert_from_pem(options.owner_cert.read_bytes(), str(options.owner_cert))
+        except OSError as exc:
+            raise ConfigError(f"--owner-cert {options.owner_cert}: {exc.strerror}") from None
+        cert_der = cert.public_bytes(Encoding.DER)
+    if options.owner_token_file is not None:
+        try:
+            text = options.owner_token_file.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--owner-token-file {options.owner_token_file}: {exc}") from None
+        if len(text) < 16:
+            raise ConfigError(
+                f"--owner-token-file {options.owner_token_file}: the token is shorter than 16 "
+                "characters; use a long random one (e.g. openssl rand -hex 32)"
+            )
+        token = Owner.token_digest(text)
+    if cert_der is None and token is None:
+        return None
+    return Owner(cert_der=cert_der, token_sha256=token)
+
+
+@dataclass
+class Built:
+    core: CoordinatorCore
+    store: VersionedStore
+    sync: StateSync
+    key_server: _replica.KeyServer | None
+    fetch_key: Callable[[], bool] | None  # replicas: get the state key from a peer
+
+
+def build_core(options: Options, now: datetime) -> tuple[CoordinatorCore, VersionedStore]:
+    built = build(options, now)
+    return built.core, built.store
+
+
+def build(options: Options, now: datetime) -> Built:
     if not options.simulation:
         raise MeshError(
             "no SGX quote provider is available on this machine (no /dev/attestation, no "
@@ -94,72 +163,129 @@ def build_core(options: Options, now: datetime) -> tuple[CoordinatorCore, FileSt
     platform = SimulationPlatform.load_or_create(
         options.platform_dir or default_platform_dir(), now=now
     )
-    provider = SimulationProvider(platform, coordinator_identity())
+    identity = coordinator_identity()
+    provider = SimulationProvider(platform, identity)
     anchors = [intel_anchor(), simulation_anchor(platform)]
-    store = FileStore(options.state_dir)
-    sealer = _PlatformSealer(platform)
-
-    def commit(s: _persist.PersistentState) -> None:
-        store.save(_seal.seal(_persist.dump(s), sealer))
-
-    blob = store.load()
-    if blob is None:
-        persistent = CoordinatorCore.fresh_state(
-            now=now, dns_names=options.dns_names, simulation=options.simulation
-        )
-        commit(persistent)
-        log.info("created a new root CA", extra={"state_dir": str(options.state_dir)})
+    anchors += [_platform_anchor(d) for d in options.trust_platforms]
+    owner = _owner(options)
+    store: VersionedStore
+    if options.store == "etcd":
+        options.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        store = EtcdStore(options.etcd_endpoints, options.etcd_prefix)
     else:
-        try:
-            persistent = _persist.load(_seal.unseal(blob, sealer, str(store.path)))
-            persistent.state = (
-                advance(State.UNINITIALIZED, Event.LOADED)
-                if (persistent.manifest_raw is not None)
-                else State.ACCEPTING_MANIFEST
-            )
-            log.info("loaded sealed state", extra={"state": persistent.state.name})
-        except _seal.UnsealError as exc:
-            # Keep the sealed blob untouched; a new root lives in memory until a manifest
-            # is set (which replaces the old state) or a later recovery restores it.
-            log.error("cannot unseal state; entering recovery mode", extra={"reason": str(exc)})
-            persistent = CoordinatorCore.fresh_state(
-                now=now, dns_names=options.dns_names, simulation=options.simulation
-            )
-            persistent.state = advance(State.UNINITIALIZED, Event.UNSEAL_FAILED)
+        store = FileStore(options.state_dir)
+    vault = Vault(_PlatformSealer(platform), store.where)
+    sync = StateSync(store, vault)
+
+    def fetch_key() -> bool:
+        if not isinstance(store, EtcdStore):
+            return False
+        # Our own registration may be among them: we answer "not shared" and move on.
+        peers = list(store.members().values())
+        got = _replica.fetch_from_any(
+            peers,
+            provider=provider,
+            anchors=anchors,
+            identity=identity,
+            simulation=options.simulation,
+        )
+        if got is None:
+            return False
+        vault.adopt_key(got[0])
+        log.info("received the state key from a peer replica", extra={"peer": got[1]})
+        return True
+
+    sync.key_source = fetch_key if isinstance(store, EtcdStore) else None
+    loaded = load_or_create(
+        sync,
+        lambda: CoordinatorCore.fresh_state(
+            now=now, dns_names=options.dns_names, simulation=options.simulation
+        ),
+    )
     core = CoordinatorCore(
-        persistent,
-        commit=commit,
+        loaded.persistent,
+        commit=sync.commit,
         provider=provider,
         anchors=anchors,
         simulation=options.simulation,
+        refresh=sync.refresh if store.shared else None,
+        locked=vault if loaded.locked else None,
+        owner=owner,
     )
-    return core, store
+    key_server = None
+    if isinstance(store, EtcdStore):
+        key_server = _replica.KeyServer(
+            vault.export_key,
+            provider=provider,
+            anchors=anchors,
+            identity=identity,
+            simulation=options.simulation,
+            can_share=lambda: require(core.state, "share_state_key"),
+        )
+    if owner is None and core.state in (State.ACCEPTING_MANIFEST, State.RECOVERY):
+        log.warning(
+            "no --owner-cert or --owner-token-file: the first client to set a manifest owns "
+            "this coordinator; clients must verify the manifest (meshproxy manifest verify)"
+        )
+    return Built(core, store, sync, key_server, fetch_key if key_server else None)
+
+
+async def _unlock_loop(api: Api, built: Built) -> None:
+    """A replica locked out of the shared state keeps asking peers for the key."""
+    fetch = built.fetch_key
+    if fetch is None:
+        return
+    while built.core.state is State.RECOVERY:
+        await asyncio.sleep(KEY_RETRY_SECONDS)
+
+        def attempt() -> None:
+            if built.core.state is not State.RECOVERY or not fetch():
+                return
+            state = built.sync.load()
+            if state is not None:
+                if built.sync.vault.needs_registration():
+                    register(built.sync, state)
+                built.core.unlock(state)
+
+        try:
+            await api.call(attempt)
+        except MeshError as exc:
+            log.warning("still locked out of the shared state", extra={"reason": str(exc)})
 
 
 async def serve(options: Options) -> None:
     now = datetime.now(UTC)
-    core, store = await asyncio.to_thread(build_core, options, now)
+    built = await asyncio.to_thread(build, options, now)
+    core, store = built.core, built.store
     if options.simulation:
         log.warning(
             "SIMULATION MODE: no hardware isolation; this coordinator's quotes are simulated "
             "and only clients started with --accept-simulation will trust it"
         )
     api = Api(core)
-    ctx = server_context(core.root)
+    api.key_server = built.key_server
+    client_ctx = SwitchingContext(lambda: core.root, lambda: _trusted_client_certs(core))
+    mesh_ctx = SwitchingContext(lambda: core.root)
     runners = []
     bound: dict[str, str] = {}
+    member_id = uuid.uuid4().hex
+    unlock: asyncio.Task[None] | None = None
     try:
-        for name, app, (host, port) in (
-            ("client", api.client_app(), options.client_addr),
-            ("mesh", api.mesh_app(), options.mesh_addr),
+        for name, app, (host, port), ctx in (
+            ("client", api.client_app(), options.client_addr, client_ctx),
+            ("mesh", api.mesh_app(), options.mesh_addr, mesh_ctx),
         ):
             runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await runner.setup()
-            site = web.TCPSite(runner, host or None, port, ssl_context=ctx, reuse_address=True)
+            site = web.TCPSite(runner, host or None, port, ssl_context=ctx.base, reuse_address=True)
             await site.start()
             runners.append(runner)
             for addr in runner.addresses:
                 bound[name] = f"{addr[0]}:{addr[1]}"
+        if isinstance(store, EtcdStore):
+            advertise = options.advertise or bound["mesh"]
+            await api.call(lambda: store.register_member(member_id, advertise))
+            unlock = asyncio.create_task(_unlock_loop(api, built))
         _write_endpoints(options.state_dir, bound)
         code, _ = core.status()
         log.info("coordinator ready", extra={**bound, "state": State(code).name})
@@ -170,10 +296,27 @@ async def serve(options: Options) -> None:
         await stop.wait()
         log.info("coordinator stopping")
     finally:
+        if unlock is not None:
+            unlock.cancel()
+        if isinstance(store, EtcdStore):
+            with contextlib.suppress(StoreError):
+                await api.call(lambda: store.unregister_member(member_id))
         for runner in runners:
             await runner.cleanup()
         api.close()
         store.close()
+
+
+def _trusted_client_certs(core: CoordinatorCore) -> list[bytes]:
+    """Client certificates the client API's TLS accepts: users, and the owner at first."""
+    out = []
+    manifest = core.manifest
+    if manifest is not None and core.state is State.ACCEPTING_MARBLES:
+        out += [u.certificate_pem for u in manifest.users.values()]
+    owner = core.owner
+    if owner is not None and owner.cert_der and core.state is not State.ACCEPTING_MARBLES:
+        out.append(cert_to_pem(x509.load_der_x509_certificate(owner.cert_der)))
+    return out
 
 
 def _write_endpoints(state_dir: Path, bound: dict[str, str]) -> None:

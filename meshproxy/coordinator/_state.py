@@ -42,7 +42,14 @@ _ALLOWED: dict[str, frozenset[State]] = {
     "get_manifest": frozenset({State.ACCEPTING_MARBLES}),
     "set_manifest": frozenset({State.ACCEPTING_MANIFEST, State.RECOVERY}),
     "activate": frozenset({State.ACCEPTING_MARBLES}),
+    "renew": frozenset({State.ACCEPTING_MARBLES}),
     "status": frozenset(State),
+    "read_secrets": frozenset({State.ACCEPTING_MARBLES}),
+    "write_secrets": frozenset({State.ACCEPTING_MARBLES}),
+    "update": frozenset({State.ACCEPTING_MARBLES}),
+    "read_update_log": frozenset({State.ACCEPTING_MARBLES}),
+    "recover": frozenset({State.RECOVERY}),
+    "share_state_key": frozenset({State.ACCEPTING_MANIFEST, State.ACCEPTING_MARBLES}),
 }
 
 MESSAGES = {
@@ -59,6 +66,7 @@ _WAITING = {
     State.ACCEPTING_MANIFEST: "no manifest has been set yet",
     State.ACCEPTING_MARBLES: "a manifest is already set (use a manifest update instead)",
 }
+_WAITING_FOR = {"recover": "it is not in recovery mode"}
 
 
 def advance(state: State, event: Event) -> State:
@@ -70,4 +78,5 @@ def advance(state: State, event: Event) -> State:
 
 def require(state: State, operation: str) -> None:
     if state not in _ALLOWED[operation]:
-        raise StateError(f"cannot {operation.replace('_', ' ')}: {_WAITING[state]}")
+        why = _WAITING_FOR.get(operation, _WAITING[state])
+        raise StateError(f"cannot {operation.replace('_', ' ')}: {why}")

@@ -17,17 +17,40 @@ from typing import Protocol
 from meshproxy.errors import StoreError
 
 
+class StoreConflict(StoreError):
+    """A compare-and-swap lost: another replica changed the state since it was read."""
+
+
 class Store(Protocol):
     def load(self) -> bytes | None: ...
     def save(self, blob: bytes) -> None: ...
     def close(self) -> None: ...
 
 
+class VersionedStore(Protocol):
+    """A store replicas share: every write names the revision it replaces."""
+
+    shared: bool  # other writers exist: re-read before every operation
+
+    @property
+    def where(self) -> str: ...
+
+    def load_versioned(self) -> tuple[bytes | None, int]: ...
+    def save_versioned(self, blob: bytes, expected: int) -> int:
+        """Write if the stored revision is still ``expected`` (0: absent), else raise
+        ``StoreConflict``; returns the new revision."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class FileStore:
     NAME = "state.sealed"
+    shared = False  # the lock makes this process the only writer
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self._revision = 0
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._lock_fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -48,6 +71,21 @@ class FileStore:
     @property
     def path(self) -> Path:
         return self.directory / self.NAME
+
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    def load_versioned(self) -> tuple[bytes | None, int]:
+        blob = self.load()
+        self._revision = 0 if blob is None else 1
+        return blob, self._revision
+
+    def save_versioned(self, blob: bytes, expected: int) -> int:
+        # Sole writer: the revision is bookkeeping only, a mismatch is a bug of the caller.
+        self.save(blob)
+        self._revision = max(expected, self._revision) + 1
+        return self._revision
 
     def load(self) -> bytes | None:
         try:

@@ -14,13 +14,21 @@ CLIENT_PATHS = {
     "quote": "/api/v2/quote",
     "manifest": "/api/v2/manifest",
     "status": "/api/v2/status",
+    "secrets": "/api/v2/secrets",
+    "update": "/api/v2/update",
+    "update_manifest": "/api/v2/update-manifest",
+    "update_cancel": "/api/v2/update-cancel",
+    "recover": "/api/v2/recover",
 }
 MESH_PATHS = {
     "quote": "/api/v2/quote",
     "status": "/api/v2/status",
     "nonce": "/api/v2/marble/nonce",
     "activate": "/api/v2/marble/activate",
+    "renew": "/api/v2/marble/renew",
+    "replica_key": "/api/v2/replica/key",
 }
+OWNER_TOKEN_HEADER = "Authorization"  # noqa: S105 ("Bearer <token>", first manifest set)
 
 
 def b64e(data: bytes) -> str:

@@ -1,9 +1,21 @@
-"""Talking to a coordinator: trust establishment, the client API, and marble activation.
+"""Talking to a coordinator: trust establishment, the client API, marble activation and
+renewal.
 
 Blocking on purpose: the CLI is synchronous and the proxy activates before its event loop
 serves anything. Trust is established one way everywhere: a pinned root certificate, or
 else the coordinator's quote, verified here, that binds the root certificate and a fresh
-nonce; only then is the root pinned for every further request.
+nonce; only then is the root pinned for every further request. A user authenticates with
+a client certificate (``ClientIdentity``).
+
+``activate`` and ``renew`` attest the same way (``POST /api/v2/marble/nonce``, then a quote
+whose report data is SHA-256(public key || nonce), and a CSR for the key). ``renew`` is for
+a running marble whose leaf nears its end (the proxy renews at 70 % of its lifetime): it
+posts to ``/api/v2/marble/renew`` and gets a new leaf for its key under the cluster's
+current intermediate, plus that intermediate and the mesh policy; it is not counted against
+MaxActivations. It is refused (``CoordinatorError``, HTTP 403, with the reason) when the
+marble no longer satisfies the manifest, e.g. after a package update raised its minimum
+SecurityVersion or a manifest update removed its type. Nonce and attested request must
+reach the same coordinator replica (nonces are kept per replica).
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ import socket
 import ssl
 import uuid as uuidlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,6 +50,7 @@ from meshproxy.attestation import (
 )
 from meshproxy.coordinator import _wire as wire
 from meshproxy.errors import AttestationError, ConnectError, CoordinatorError, PKIError
+from meshproxy.manifest import RouteRule
 from meshproxy.pki import cert_to_pem, certs_from_pem, make_csr, public_der, verify_issued_by
 
 
@@ -53,9 +66,34 @@ def parse_address(text: str, where: str = "coordinator address") -> tuple[str, i
 class MeshPolicy:
     trust_domain: str
     allow: Mapping[str, tuple[str, ...]]
+    # callee marble type -> the manifest's Mesh.Routes rules for its HTTP listeners
+    routes: Mapping[str, tuple[RouteRule, ...]] = field(default_factory=dict)
 
     def callers_of(self, marble_type: str) -> tuple[str, ...]:
         return self.allow.get(marble_type, ())
+
+    def routes_of(self, marble_type: str) -> tuple[RouteRule, ...]:
+        return self.routes.get(marble_type, ())
+
+
+def _mesh_policy(mesh: Mapping[str, Any]) -> MeshPolicy:
+    """The ``mesh`` object of an activation or renewal reply (``routes`` may be absent)."""
+    routes: dict[str, tuple[RouteRule, ...]] = {}
+    for marble, rules in (mesh.get("routes") or {}).items():
+        routes[str(marble)] = tuple(
+            RouteRule(
+                path=str(r["path"]) if r.get("path") is not None else None,
+                path_prefix=str(r["pathPrefix"]) if r.get("pathPrefix") is not None else None,
+                methods=tuple(str(m) for m in r.get("methods") or ()),
+                allow=tuple(str(a) for a in r.get("allow") or ()),
+            )
+            for r in rules
+        )
+    return MeshPolicy(
+        trust_domain=str(mesh["trustDomain"]),
+        allow={str(k): tuple(str(x) for x in v) for k, v in mesh["allow"].items()},
+        routes=routes,
+    )
 
 
 @dataclass(frozen=True)
@@ -82,14 +120,39 @@ class ClusterEvidence:
     verified: VerifiedQuote
 
 
-class Connection:
-    """HTTPS to one coordinator listener, pinned to its root certificate (or not yet)."""
+@dataclass(frozen=True)
+class ClientIdentity:
+    """A user's client certificate and key, as files (the key is read by OpenSSL only)."""
 
-    def __init__(self, address: str, root: x509.Certificate | None, timeout: float = 10.0):
+    cert_path: Path
+    key_path: Path
+
+
+class Connection:
+    """HTTPS to one coordinator listener, pinned to its root certificate (or not yet).
+
+    With ``identity`` the connection presents a user's client certificate (the client API
+    authenticates users by it); ``headers`` are sent with every request.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        root: x509.Certificate | None,
+        timeout: float = 10.0,
+        *,
+        identity: ClientIdentity | None = None,
+        headers: Mapping[str, str] | None = None,
+    ):
         self.address = address
         self.host, self.port = parse_address(address)
         self.root = root
         self.timeout = timeout
+        self.identity = identity
+        self.headers = dict(headers or {})
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.address} pinned={self.root is not None}>"
 
     def _context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -99,6 +162,14 @@ class Connection:
             ctx.verify_mode = ssl.CERT_NONE  # only to fetch a quote, which we verify
         else:
             ctx.load_verify_locations(cadata=cert_to_pem(self.root).decode())
+        if self.identity is not None:
+            try:
+                ctx.load_cert_chain(self.identity.cert_path, self.identity.key_path)
+            except (ssl.SSLError, OSError) as exc:
+                raise PKIError(
+                    f"client certificate {self.identity.cert_path} with key "
+                    f"{self.identity.key_path} does not load: {_reason(exc)}"
+                ) from None
         return ctx
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
@@ -112,7 +183,9 @@ class Connection:
             if self.root is not None and presented != self.root.public_bytes(Encoding.DER):
                 raise PKIError(f"{where} does not present the pinned root certificate")
             payload = json.dumps(body).encode() if body is not None else None
-            headers = {"Content-Type": "application/json"} if payload else {}
+            headers = dict(self.headers)
+            if payload:
+                headers["Content-Type"] = "application/json"
             conn.request(method, path, body=payload, headers=headers)
             resp = conn.getresponse()
             raw = resp.read()
@@ -122,6 +195,16 @@ class Connection:
                 f"({exc.verify_message}); if the cluster was re-created, verify it again "
                 "with 'meshproxy manifest verify'"
             ) from None
+        except (ssl.SSLError, ConnectionResetError, http.client.RemoteDisconnected) as exc:
+            # TLS 1.3: the server checks a client certificate after the client's handshake
+            # is done, so a refusal arrives as an alert or a closed connection.
+            if self.identity is not None:
+                raise PKIError(
+                    f"{where} refused the client certificate {self.identity.cert_path} "
+                    f"({_reason(exc)}): it is not the certificate of a user of the current "
+                    "manifest, or it is not valid now"
+                ) from None
+            raise ConnectError(f"cannot reach {where}: {_reason(exc)}") from None
         except (OSError, http.client.HTTPException) as exc:
             raise ConnectError(f"cannot reach {where}: {_reason(exc)}") from None
         finally:
@@ -211,6 +294,30 @@ def fetch_evidence(
 
 
 # -- activation -----------------------------------------------------------------------------
+def _attested_body(
+    conn: Connection,
+    *,
+    marble_type: str,
+    instance: uuidlib.UUID,
+    key: ec.EllipticCurvePrivateKey,
+    dns_names: Sequence[str],
+    provider: QuoteProvider,
+) -> dict[str, str]:
+    """Nonce, then a quote binding our key and that nonce, then the CSR: what the mesh API
+    needs to attest a marble (for activation and renewal alike)."""
+    nonce = wire.b64d(conn.request("POST", wire.MESH_PATHS["nonce"], {})["nonce"], "nonce")
+    report_data = hashlib.sha256(public_der(key) + nonce).digest()
+    quote = provider.get_quote(report_data)
+    csr = make_csr(key, marble_type, dns_names)
+    return {
+        "marbleType": marble_type,
+        "uuid": str(instance),
+        "csr": csr.public_bytes(Encoding.PEM).decode(),
+        "quote": wire.b64e(quote),
+        "nonce": wire.b64e(nonce),
+    }
+
+
 def activate(
     address: str,
     *,
@@ -233,21 +340,15 @@ def activate(
             timeout=timeout,
         ).root
     conn = Connection(address, root, timeout)
-    nonce = wire.b64d(conn.request("POST", wire.MESH_PATHS["nonce"], {})["nonce"], "nonce")
-    report_data = hashlib.sha256(public_der(key) + nonce).digest()
-    quote = provider.get_quote(report_data)
-    csr = make_csr(key, marble_type, dns_names)
-    data = conn.request(
-        "POST",
-        wire.MESH_PATHS["activate"],
-        {
-            "marbleType": marble_type,
-            "uuid": str(instance),
-            "csr": csr.public_bytes(Encoding.PEM).decode(),
-            "quote": wire.b64e(quote),
-            "nonce": wire.b64e(nonce),
-        },
+    body = _attested_body(
+        conn,
+        marble_type=marble_type,
+        instance=instance,
+        key=key,
+        dns_names=dns_names,
+        provider=provider,
     )
+    data = conn.request("POST", wire.MESH_PATHS["activate"], body)
     try:
         leaf = certs_from_pem(data["certificate"].encode())[0]
         intermediate = certs_from_pem(data["intermediate"].encode())[0]
@@ -262,10 +363,7 @@ def activate(
             files={k: wire.b64d(v, f"file {k}") for k, v in params["files"].items()},
             env={k: wire.b64d(v, f"env {k}") for k, v in params["env"].items()},
             argv=tuple(str(a) for a in params["argv"]),
-            mesh=MeshPolicy(
-                trust_domain=str(mesh["trustDomain"]),
-                allow={str(k): tuple(str(x) for x in v) for k, v in mesh["allow"].items()},
-            ),
+            mesh=_mesh_policy(mesh),
             simulated=bool(data["simulation"]),
         )
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
@@ -278,3 +376,65 @@ def activate(
     verify_issued_by(leaf, intermediate, now=now)
     verify_issued_by(intermediate, root, now=now)
     return activation
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """A renewed leaf for a running marble, under the cluster's current intermediate."""
+
+    leaf: x509.Certificate
+    intermediate: x509.Certificate
+    root: x509.Certificate
+    mesh: MeshPolicy
+    simulated: bool
+
+
+def renew(
+    address: str,
+    *,
+    marble_type: str,
+    instance: uuidlib.UUID,
+    key: ec.EllipticCurvePrivateKey,
+    dns_names: Sequence[str],
+    provider: QuoteProvider,
+    root: x509.Certificate,
+    timeout: float = 10.0,
+) -> Renewal:
+    """Attest again and get a new leaf for ``key`` (``POST /api/v2/marble/renew``). Blocking.
+
+    ``root`` is the root the marble pinned at activation; the new leaf and intermediate
+    are checked to chain to it. ``CoordinatorError`` (HTTP 403) with the coordinator's
+    reason when the marble no longer satisfies the manifest (e.g. its SecurityVersion was
+    raised by a package update); the caller should then stop serving on the old leaf.
+    """
+    conn = Connection(address, root, timeout)
+    body = _attested_body(
+        conn,
+        marble_type=marble_type,
+        instance=instance,
+        key=key,
+        dns_names=dns_names,
+        provider=provider,
+    )
+    data = conn.request("POST", wire.MESH_PATHS["renew"], body)
+    try:
+        leaf = certs_from_pem(data["certificate"].encode())[0]
+        intermediate = certs_from_pem(data["intermediate"].encode())[0]
+        mesh = data["mesh"]
+        renewal = Renewal(
+            leaf=leaf,
+            intermediate=intermediate,
+            root=root,
+            mesh=_mesh_policy(mesh),
+            simulated=bool(data["simulation"]),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise ConnectError(f"coordinator {address} sent a malformed renewal: {exc}") from None
+    if leaf.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo) != (
+        public_der(key)
+    ):
+        raise PKIError("coordinator issued a certificate for another key")
+    now = datetime.now(UTC)
+    verify_issued_by(leaf, intermediate, now=now)
+    verify_issued_by(intermediate, root, now=now)
+    return renewal
