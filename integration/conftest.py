@@ -144,3 +144,29 @@ def mesh(cluster: Cluster, signer: Signer) -> Mesh:
 
 def port() -> int:
     return free_port()
+
+
+# -- helpers for the HTTP, interop and Kubernetes tests ------------------------------------
+def root_certificate(mesh: Mesh, path: Path) -> Path:
+    """The cluster's root certificate, fetched the way users do (``certificate root``)."""
+    mesh.c.cli(
+        "certificate", "root", "--coordinator", mesh.c.client_addr, "--accept-simulation",
+        "-o", str(path),
+    )  # fmt: skip
+    return path
+
+
+def wait_tcp(port: int, what: str, proc: Any = None, timeout: float = 30) -> None:
+    """Poll until something accepts TCP connections on 127.0.0.1:port."""
+    import socket as _socket
+
+    from integration.harness import wait_for
+
+    def accepting() -> bool:
+        try:
+            with _socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    wait_for(accepting, timeout, what, proc)

@@ -161,8 +161,18 @@ REFUSALS = [
         "coordinator.activation_timeout",
         "invalid duration 'soon'",
     ),
-    ("inbound.0.protocol", "http", "inbound[0].protocol", "protocol http is not available yet"),
-    ("inbound.0.protocol", "udp", "inbound[0].protocol", "must be one of tcp, http; got 'udp'"),
+    (
+        "inbound.0.app_protocol",
+        "h2c",
+        "inbound[0].app_protocol",
+        "app_protocol is only for protocol: http (this listener is tcp)",
+    ),
+    (
+        "inbound.0.protocol",
+        "udp",
+        "inbound[0].protocol",
+        "must be one of tcp, http, hbone; got 'udp'",
+    ),
     ("inbound.0.clients", "users", "inbound[0].clients", "clients: users is not available yet"),
     (
         "inbound.0.clients",

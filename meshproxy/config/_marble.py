@@ -3,9 +3,10 @@
 Parsed once, strictly: unknown keys, malformed addresses, duplicate names and colliding
 listeners are ``ConfigError``s naming the file and key path. Relative paths are taken
 from the config file's directory, except ``admin.socket``, which is relative to
-``workdir``. Features that are designed but not built yet (HTTP listeners, ``users``
-clients, hardware attestation providers) are refused with a message saying so, never
-silently downgraded.
+``workdir``. Features that are designed but not built yet (``users`` clients, hardware
+attestation providers) are refused with a message saying so, never silently downgraded.
+Options that only make sense for some protocols (``app_protocol`` and ``routes`` for
+``http``, ``proxy_protocol`` for ``tcp`` and ``hbone``) are errors on the others.
 """
 
 from __future__ import annotations
@@ -14,14 +15,19 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshproxy.config._strict import Node, load_file, parse_duration
 from meshproxy.errors import PolicyError
 from meshproxy.pki import check_marble_type
 
+if TYPE_CHECKING:
+    from meshproxy.manifest import RouteRule
+
 DEFAULT_ACTIVATION_TIMEOUT = 60.0
 _NAME_RE = re.compile(r"^[a-z0-9_]+$")
 _LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_METHOD_RE = re.compile(r"^[A-Z][A-Z0-9_-]{0,31}$")
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,9 @@ class InboundConfig:
     protocol: str
     clients: str  # "marbles" | "public"
     allow: tuple[str, ...] | None  # None: the manifest's Mesh.Allow callers
+    app_protocol: str = "http1"  # protocol http: how the app's socket speaks (http1 | h2c)
+    proxy_protocol: str | None = None  # tcp, hbone: "v2" sends a PROXY v2 header first
+    routes: tuple[RouteRule, ...] = ()  # protocol http: narrows the manifest's Mesh.Routes
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,7 @@ class OutboundConfig:
     upstream: Address
     peer: str
     sni: str | None
+    protocol: str = "tcp"  # tcp | http | hbone
 
 
 @dataclass(frozen=True)
@@ -189,38 +199,87 @@ def _attestation(node: Node, base: Path) -> AttestationConfig:
 
 def _inbound(node: Node) -> InboundConfig:
     m = node.mapping(
-        ["name", "listen", "protocol", "clients", "allow"], required=["name", "listen"]
+        ["name", "listen", "protocol", "clients", "allow", "app_protocol", "proxy_protocol",
+         "routes"],
+        required=["name", "listen"],
+    )  # fmt: skip
+    protocol = m["protocol"].choice(["tcp", "http", "hbone"]) if _given(m, "protocol") else "tcp"
+    for key, needs in (("app_protocol", "http"), ("routes", "http"), ("proxy_protocol", "tcp")):
+        if key in m and protocol not in (needs, "hbone" if needs == "tcp" else needs):
+            m[key].fail(f"{key} is only for protocol: {needs} (this listener is {protocol})")
+    app_protocol = (
+        m["app_protocol"].choice(["http1", "h2c"]) if _given(m, "app_protocol") else "http1"
     )
-    protocol = m["protocol"].choice(["tcp", "http"]) if _given(m, "protocol") else "tcp"
-    if protocol != "tcp":
-        m["protocol"].fail(f"protocol {protocol} is not available yet (use tcp)")
+    proxy_protocol = m["proxy_protocol"].choice(["v2"]) if _given(m, "proxy_protocol") else None
     # The default is the strict one: only attested marbles of allowed types get in.
     clients = (
         m["clients"].choice(["marbles", "public", "users"]) if _given(m, "clients") else "marbles"
     )
     if clients == "users":
         m["clients"].fail("clients: users is not available yet (use marbles or public)")
+    if protocol == "hbone" and clients != "marbles":
+        m["clients"].fail("protocol: hbone is mutual TLS between marbles: use clients: marbles")
     allow: tuple[str, ...] | None = None
     if "allow" in m:
         if clients != "marbles":
             m["allow"].fail("allow applies only to clients: marbles")
         allow = tuple(_marble_type(n) for n in m["allow"].list())
+    routes: tuple[RouteRule, ...] = ()
+    if "routes" in m:
+        if clients != "marbles":
+            m["routes"].fail("routes apply only to clients: marbles (callers with an identity)")
+        routes = tuple(_route(n, allow) for n in m["routes"].list())
     return InboundConfig(
         name=_name(m["name"]),
         listen=parse_address(m["listen"], allow_port_zero=True),
         protocol=protocol,
         clients=clients,
         allow=allow,
+        app_protocol=app_protocol,
+        proxy_protocol=proxy_protocol,
+        routes=routes,
+    )
+
+
+def _route(node: Node, allow: tuple[str, ...] | None) -> RouteRule:
+    from meshproxy.manifest import RouteRule, path_problem  # the manifest imports config
+
+    m = node.mapping(["path", "path_prefix", "methods", "allow"], required=["allow"])
+    if _given(m, "path") == _given(m, "path_prefix"):
+        node.fail("give exactly one of 'path' (exact) and 'path_prefix'")
+    where = m["path"] if _given(m, "path") else m["path_prefix"]
+    problem = path_problem(where.str())
+    if problem:
+        where.fail(f"{where.str()!r} {problem}")
+    methods = []
+    for n in m["methods"].list() if "methods" in m else []:
+        if not _METHOD_RE.match(n.str()):
+            n.fail(f"{n.str()!r} is not an HTTP method (upper case, e.g. GET or POST)")
+        methods.append(n.str())
+    callers = []
+    for n in m["allow"].list():
+        caller = _marble_type(n)
+        if allow is not None and caller not in allow:
+            n.fail(f"{caller!r} is not in this listener's allow list; a route can only narrow it")
+        callers.append(caller)
+    return RouteRule(
+        path=where.str() if _given(m, "path") else None,
+        path_prefix=where.str() if _given(m, "path_prefix") else None,
+        methods=tuple(dict.fromkeys(methods)),
+        allow=tuple(dict.fromkeys(callers)),
     )
 
 
 def _outbound(node: Node) -> OutboundConfig:
-    m = node.mapping(["name", "upstream", "peer", "sni"], required=["name", "upstream", "peer"])
+    m = node.mapping(
+        ["name", "upstream", "peer", "sni", "protocol"], required=["name", "upstream", "peer"]
+    )
     upstream = parse_address(m["upstream"], allow_port_zero=False)
     sni = _dns_name(m["sni"]) if _given(m, "sni") else None
     if sni is None and not upstream.is_ip:
         sni = upstream.host
-    return OutboundConfig(_name(m["name"]), upstream, _marble_type(m["peer"]), sni)
+    protocol = m["protocol"].choice(["tcp", "http", "hbone"]) if _given(m, "protocol") else "tcp"
+    return OutboundConfig(_name(m["name"]), upstream, _marble_type(m["peer"]), sni, protocol)
 
 
 def _admin(node: Node | None, workdir: Path) -> Path:

@@ -1,6 +1,7 @@
 """The manifest: MarbleRun's format, parsed strictly, plus its Files/Env templates."""
 
 from meshproxy.manifest._check import check_templates
+from meshproxy.manifest._connections import routes_from_wire, routes_to_wire
 from meshproxy.manifest._model import (
     CertTemplate,
     FileValue,
@@ -11,11 +12,13 @@ from meshproxy.manifest._model import (
     Package,
     Parameters,
     Role,
+    RouteRule,
     SecretSpec,
     TLSEntry,
     TLSTag,
     User,
     fingerprint,
+    path_problem,
 )
 from meshproxy.manifest._parse import parse_manifest
 from meshproxy.manifest._template import (
@@ -37,6 +40,7 @@ __all__ = [
     "Parameters",
     "RenderedParameters",
     "Role",
+    "RouteRule",
     "SecretSpec",
     "SecretValue",
     "TLSEntry",
@@ -46,6 +50,9 @@ __all__ = [
     "check_templates",
     "fingerprint",
     "parse_manifest",
+    "path_problem",
     "render",
     "render_parameters",
+    "routes_from_wire",
+    "routes_to_wire",
 ]

@@ -7,9 +7,11 @@ own additions live in ``MeshSection``. Mappings are read-only views in document 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from types import MappingProxyType
 from typing import Any
 
 SECRET_TYPES = ("symmetric-key", "cert-ecdsa", "cert-rsa", "cert-ed25519", "plain")
@@ -148,6 +150,50 @@ class ManifestConfig:
     rotate_root_secret: bool = False
 
 
+_UNSAFE_PATH = re.compile(r"//|/\.\.?(/|$)|%2[eEfF]|%5[cC]|%00|\\")
+
+
+def path_problem(path: str) -> str | None:
+    """Why ``path`` is not in the normal form route rules compare, or None.
+
+    Route rules compare paths literally, so a path that an app might read differently
+    (dot segments, doubled or encoded slashes, encoded dots) is refused instead.
+    """
+    if not path.startswith("/"):
+        return "must start with '/'"
+    if any(c in path for c in "?#") or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in path):
+        return "must be a path only (no query, fragment, spaces or control characters)"
+    if _UNSAFE_PATH.search(path):
+        return "must be in normal form (no '//', '.' or '..' segments, %2e, %2f, %5c, %00, '\\')"
+    return None
+
+
+@dataclass(frozen=True)
+class RouteRule:
+    """One ``Mesh.Routes`` rule: which caller marble types may send which requests.
+
+    Exactly one of ``path`` (exact match) and ``path_prefix`` (whole segments: ``/a``
+    matches ``/a`` and ``/a/b``, not ``/ab``) is set. No ``methods`` means any method; an
+    empty ``allow`` refuses everybody.
+    """
+
+    path: str | None
+    path_prefix: str | None
+    methods: tuple[str, ...]
+    allow: tuple[str, ...]
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.methods and method not in self.methods:
+            return False
+        if self.path is not None:
+            return path == self.path
+        prefix = (self.path_prefix or "/").rstrip("/")
+        return path == prefix or path.startswith(prefix + "/")
+
+
+_NO_ROUTES: Mapping[str, tuple[RouteRule, ...]] = MappingProxyType({})
+
+
 @dataclass(frozen=True)
 class MeshSection:
     """meshproxy's addition: identity naming and which marble types may call which."""
@@ -155,10 +201,16 @@ class MeshSection:
     trust_domain: str
     certificate_lifetime: float  # seconds
     allow: Mapping[str, tuple[str, ...]]  # callee marble type -> caller marble types
+    # callee marble type -> per-route rules of its HTTP listeners (absent: any route)
+    routes: Mapping[str, tuple[RouteRule, ...]] = field(default_factory=lambda: _NO_ROUTES)
 
     def callers_of(self, marble_type: str) -> tuple[str, ...]:
         """The marble types allowed to call ``marble_type``; none unless listed."""
         return self.allow.get(marble_type, ())
+
+    def routes_of(self, marble_type: str) -> tuple[RouteRule, ...]:
+        """Per-route rules of ``marble_type``'s HTTP listeners; none: any route."""
+        return self.routes.get(marble_type, ())
 
 
 @dataclass(frozen=True)

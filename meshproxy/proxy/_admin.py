@@ -1,8 +1,9 @@
-"""The admin endpoint: ``GET /live`` and ``GET /ready``, HTTP/1.1 on a Unix socket.
+"""The admin endpoint: ``/live``, ``/ready`` and ``/metrics``, HTTP/1.1 on a Unix socket.
 
 Deliberately tiny: one request per connection, a bounded request head, a short timeout.
 ``/live`` is 200 while the process serves; ``/ready`` is 200 only once the app is running
-behind started listeners, and 503 again while shutting down.
+behind started listeners, and 503 again while shutting down; ``/metrics`` is the
+Prometheus text exposition of the proxy's own registry (``_metrics``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from meshproxy.proxy._metrics import CONTENT_TYPE, ProxyMetrics
 from meshproxy.proxy._relay import bind_unix_socket
 
 log = logging.getLogger("meshproxy.proxy.admin")
@@ -22,10 +24,16 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
             503: "Service Unavailable"}  # fmt: skip
 
 
+_TEXT = "text/plain"
+
+
 class AdminServer:
-    def __init__(self, path: Path, ready: Callable[[], bool]) -> None:
+    def __init__(
+        self, path: Path, ready: Callable[[], bool], metrics: ProxyMetrics | None = None
+    ) -> None:
         self.path = path
         self._ready = ready
+        self._metrics = metrics
         self._server: asyncio.Server | None = None
 
     async def start(self) -> Path:
@@ -41,18 +49,22 @@ class AdminServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         method = b""
+        ctype = _TEXT
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _TIMEOUT)
             method = head.split(b" ", 1)[0]
             status, body = self._answer(head)
+            if status == 200 and self._metrics is not None and _target(head) == b"/metrics":
+                data, ctype = self._metrics.render(), CONTENT_TYPE
+            else:
+                data = body.encode()
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-            status, body = 400, "bad request\n"
+            status, data = 400, b"bad request\n"
         except OSError:
             writer.close()
             return
-        data = body.encode()
         writer.write(
-            f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: text/plain\r\n"
+            f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {ctype}\r\n"
             f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
             + (b"" if method == b"HEAD" else data)
         )
@@ -69,10 +81,18 @@ class AdminServer:
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
             return 400, "bad request\n"
         method, target = parts[0], parts[1].split(b"?", 1)[0]
-        if target not in (b"/live", b"/ready"):
-            return 404, "not found (try /live or /ready)\n"
+        targets = (b"/live", b"/ready") + ((b"/metrics",) if self._metrics else ())
+        if target not in targets:
+            return 404, f"not found (try {', '.join(t.decode() for t in targets)})\n"
         if method not in (b"GET", b"HEAD"):
             return 405, "method not allowed\n"
         if target == b"/live":
             return 200, "live\n"
+        if target == b"/metrics":
+            return 200, ""
         return (200, "ready\n") if self._ready() else (503, "not ready\n")
+
+
+def _target(head: bytes) -> bytes:
+    parts = head.split(b"\r\n", 1)[0].split(b" ")
+    return parts[1].split(b"?", 1)[0] if len(parts) == 3 else b""
