@@ -23,6 +23,16 @@ COMMANDS = [
     ["enclave", "uniqueid"],
     ["enclave", "signerid"],
     ["quote", "verify"],
+    ["secret", "get"],
+    ["secret", "set"],
+    ["recover"],
+    ["manifest", "log"],
+    ["manifest", "update", "apply"],
+    ["manifest", "update", "acknowledge"],
+    ["manifest", "update", "cancel"],
+    ["manifest", "update", "get"],
+    ["enclave", "gramine-manifest"],
+    ["enclave", "occlum-config"],
 ]
 
 
