@@ -2,8 +2,9 @@
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: setup demo test test-unit test-integration lint clean
+.PHONY: setup demo test test-unit test-integration lint clean bench
 
 setup:
 	@scripts/setup.sh
@@ -24,6 +25,11 @@ lint: setup
 	$(BIN)/ruff check meshproxy tests integration
 	$(BIN)/ruff format --check meshproxy tests integration
 	$(BIN)/mypy
+
+# Not part of `make test` (integration/bench/README.md); smoke run: make bench BENCH_ARGS=--quick
+bench: setup
+	integration/bench/run.sh $(BENCH_ARGS)
+	$(BIN)/python -m integration.bench.coordinator_bench --json integration/bench/results-coordinator.json
 
 clean:
 	rm -rf build *.egg-info meshproxy/*.so .pytest_cache .mypy_cache .ruff_cache

@@ -7,10 +7,11 @@ sockets (every candidate here can use one, so none needs TCP to its backend):
   web   TLS in, no client certificate -> nginx    (requests: wrk cannot present a cert)
 Proxy configs follow perf-anchors.md: one worker/thread per core given, TLS 1.3 only,
 access logs off, default buffers. meshproxy sends no TLS 1.3 session tickets; the C peers
-would send OpenSSL's default two (about a third of a handshake's server CPU, per the
-anchors), and none of them has its own knob for the count, so they run with an OpenSSL
-config whose system default is ``NumTickets = 0``: same server work per handshake for
-everyone. The handshake client counts the tickets it receives, so this is checked.
+send OpenSSL's default two (about a third of a handshake's server CPU, per the anchors),
+and switching tickets off in their own configs (no-tls-tickets, ssl_session_tickets off,
+NO_TICKET) still leaves OpenSSL sending two stateful ones (measured here). So they run with
+an OpenSSL config whose system default is ``NumTickets = 0``: the same server work per
+handshake for everyone. The handshake client counts the tickets it receives.
 """
 
 from __future__ import annotations
@@ -91,10 +92,20 @@ def _port(address: str) -> str:
     return address.rpartition(":")[2]
 
 
-def _wait_listening(server: Server, timeout: float = 30) -> Server:
-    for addr in (server.listeners.bulk, server.listeners.webm, server.listeners.web):
-        wait_until(lambda a=addr: accepts(a), timeout, f"{server.name} on {addr}", server.proc)
+def _wait_listening(ctx: Context, server: Server, timeout: float = 30) -> Server:
+    """The server once all its listeners accept; stopped again if they do not."""
+    try:
+        for addr in (server.listeners.bulk, server.listeners.webm, server.listeners.web):
+            wait_until(lambda a=addr: accepts(a), timeout, f"{server.name} on {addr}", server.proc)
+    except BaseException:
+        ctx.procs.stop(server.proc)
+        raise
     return server
+
+
+def _nginx(cores: str, conf: Path, prefix: Path) -> list[str]:
+    return ["taskset", "-c", cores, "nginx", "-c", str(conf), "-p", str(prefix),
+            "-e", str(prefix / "error.log")]  # fmt: skip
 
 
 def _user_line() -> str:
@@ -147,21 +158,7 @@ def start_backends(ctx: Context) -> None:
     )
     prefix = ctx.work / "nginx-backend"
     conf = nginx_backend_conf(prefix, [ctx.web_sock])
-    web = ctx.procs.spawn(
-        "backend-nginx",
-        [
-            "taskset",
-            "-c",
-            "0",
-            "nginx",
-            "-c",
-            str(conf),
-            "-p",
-            str(prefix),
-            "-e",
-            str(prefix / "error.log"),
-        ],
-    )
+    web = ctx.procs.spawn("backend-nginx", _nginx("0", conf, prefix))
     wait_until(lambda: accepts(f"unix:{ctx.sink_sock}"), 15, "sink backend", sink)
     wait_until(lambda: accepts(f"unix:{ctx.web_sock}"), 15, "nginx backend", web)
 
@@ -210,7 +207,7 @@ def start_haproxy(ctx: Context, cores: str, threads: int) -> Server:
     )
     argv = ["taskset", "-c", cores, "haproxy", "-db", "-f", str(conf)]
     proc = ctx.procs.spawn(f"haproxy-{threads}", argv, env=ctx.peer_env())
-    return _wait_listening(Server("haproxy", proc, lis, lambda: [proc.pid]))
+    return _wait_listening(ctx, Server("haproxy", proc, lis, lambda: [proc.pid]))
 
 
 # -- nginx --------------------------------------------------------------------------------
@@ -277,22 +274,12 @@ def start_nginx(ctx: Context, cores: str, threads: int) -> Server:
             websock=ctx.web_sock,
         )
     )
-    argv = [
-        "taskset",
-        "-c",
-        cores,
-        "nginx",
-        "-c",
-        str(conf),
-        "-p",
-        str(prefix),
-        "-e",
-        str(prefix / "error.log"),
-    ]
-    proc = ctx.procs.spawn(f"nginx-proxy-{threads}", argv, env=ctx.peer_env())
+    proc = ctx.procs.spawn(
+        f"nginx-proxy-{threads}", _nginx(cores, conf, prefix), env=ctx.peer_env()
+    )
     server = Server("nginx", proc, lis, lambda: [proc.pid, *children(proc.pid)])
     server.notes.append("nginx: stream {} for bulk/handshakes/memory, http {} proxy for requests")
-    return _wait_listening(server)
+    return _wait_listening(ctx, server)
 
 
 # -- stunnel ------------------------------------------------------------------------------
@@ -354,7 +341,7 @@ def start_stunnel(ctx: Context, cores: str, threads: int) -> Server:
     server.notes.append(
         "stunnel: one thread per connection (its only model); cores given by taskset"
     )
-    return _wait_listening(server)
+    return _wait_listening(ctx, server)
 
 
 # -- meshproxy ----------------------------------------------------------------------------
@@ -390,40 +377,28 @@ def start_meshproxy(
         prefix, [workdir / "inbound-web.sock", workdir / "inbound-webm.sock"]
     )
     (workdir / "ready.json").unlink(missing_ok=True)
-    app = [
-        "sh",
-        str(HERE / "app.sh"),
-        str(ctx.bin_dir / "sink"),
-        str(LIFETIME_S),
-        str(nginx_conf),
-        str(prefix),
-    ]
+    app = ["sh", str(HERE / "app.sh"), str(ctx.bin_dir / "sink"), str(LIFETIME_S)]
+    app += [str(nginx_conf), str(prefix)]
     env = {**mesh.env, "MESHPROXY_NATIVE": native, "PYTHONUNBUFFERED": "1"}
-    argv = [
-        "taskset",
-        "-c",
-        cores,
-        sys.executable,
-        "-m",
-        "meshproxy",
-        "run",
-        "--config",
-        str(config),
-        "--",
-        *app,
-    ]
+    meshproxy = [sys.executable, "-m", "meshproxy", "run", "--config", str(config)]
+    argv = ["taskset", "-c", cores, *meshproxy, "--", *app]
     proc = ctx.procs.spawn(f"{name}-{threads}", argv, env=env, cwd=marble)
-    wait_until(lambda: (workdir / "ready.json").exists(), 60, f"{name} ready.json", proc)
-    ready = json.loads((workdir / "ready.json").read_text())
-    lis = Listeners(ready["inbound"]["bulk"], ready["inbound"]["webm"], ready["inbound"]["web"])
-    for sock in ("inbound-bulk.sock", "inbound-web.sock", "inbound-webm.sock"):
-        wait_until(
-            lambda s=sock: accepts(f"unix:{workdir / s}"), 30, f"{name}'s app on {sock}", proc
-        )
+    try:
+        wait_until(lambda: (workdir / "ready.json").exists(), 60, f"{name} ready.json", proc)
+        ready = json.loads((workdir / "ready.json").read_text())["inbound"]
+        for sock in ("inbound-bulk.sock", "inbound-web.sock", "inbound-webm.sock"):
+            what = f"{name}'s app on {sock}"
+            wait_until(lambda s=sock: accepts(f"unix:{workdir / s}"), 30, what, proc)
+    except BaseException:
+        ctx.procs.stop(proc)
+        raise
+    lis = Listeners(ready["bulk"], ready["webm"], ready["web"])
     # Only the `meshproxy run` process (all its threads) is the proxy; its app is the backend.
     server = Server(name, proc, lis, lambda: [proc.pid])
     server.notes.append(
-        f"{name}: MESHPROXY_NATIVE={native}, one uvloop process (threads given do not apply), "
-        "log level warning"
+        f"{name}: MESHPROXY_NATIVE={native} (require fails closed, so this row is the native "
+        "engine or no row at all); proxy CPU = the `meshproxy run` process with all its "
+        "threads; log level warning (per-connection info lines off, like the C peers' access "
+        "logs)"
     )
-    return _wait_listening(server)
+    return _wait_listening(ctx, server)

@@ -25,18 +25,15 @@ class LoadError(RuntimeError):
 
 
 def _run(argv: list[str], timeout: float) -> str:
+    tool = Path(argv[3] if argv[0] == "taskset" else argv[0]).name
     try:
         res = subprocess.run(
             argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
         )
     except subprocess.TimeoutExpired:
-        raise LoadError(
-            f"{argv[3] if len(argv) > 3 else argv[0]}: no result within {timeout:.0f} s"
-        ) from None
+        raise LoadError(f"{tool}: no result within {timeout:.0f} s") from None
     if res.returncode != 0:
-        raise LoadError(
-            f"{' '.join(argv[3:6])}... exited {res.returncode}: {res.stderr.strip()[-500:]}"
-        )
+        raise LoadError(f"{tool} exited {res.returncode}: {res.stderr.strip()[-500:]}")
     return res.stdout
 
 

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -191,17 +191,47 @@ def busy_pct(
     return out
 
 
+_PF_KTHREAD = 0x00200000
+
+
+def foreign_ticks() -> dict[int, int]:
+    """CPU ticks (own + reaped children's) of every user process outside this bench.
+
+    "Outside" = not this orchestrator nor any of its descendants. Kernel threads are left
+    out: ksoftirqd and friends mostly do this bench's own loopback work.
+    """
+    table: dict[int, tuple[int, int]] = {}  # pid -> (ppid, ticks)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat_fields(int(entry))
+        if fields is None or int(fields[6]) & _PF_KTHREAD:
+            continue
+        ticks = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+        table[int(entry)] = (int(fields[1]), ticks)
+    ours = {os.getpid()}
+    for _ in range(64):  # a process tree is far shallower; bounded all the same
+        grown = ours | {pid for pid, (ppid, _) in table.items() if ppid in ours}
+        if grown == ours:
+            break
+        ours = grown
+    return {pid: ticks for pid, (_, ticks) in table.items() if pid not in ours}
+
+
 @dataclass
 class Meter:
-    """Proxy CPU seconds, wall seconds and CPU busy shares over one load run."""
+    """Over one load run: the proxy's CPU seconds, wall seconds, CPU busy shares, and the
+    CPU seconds other work on this machine took meanwhile (interference)."""
 
     pids: Callable[[], list[int]]
     cpu_s: float = 0.0
     wall_s: float = 0.0
-    busy: dict[str, float] | None = None
+    foreign_s: float = 0.0
+    busy: dict[str, float] = field(default_factory=dict)
 
     def __enter__(self) -> Meter:
         self._pids = self.pids()
+        self._foreign0 = foreign_ticks()
         self._cpu0 = cpu_seconds(self._pids)
         self._cpus0 = cpu_times()
         self._t0 = time.monotonic()
@@ -211,3 +241,11 @@ class Meter:
         self.wall_s = time.monotonic() - self._t0
         self.cpu_s = cpu_seconds(self._pids) - self._cpu0
         self.busy = busy_pct(self._cpus0, cpu_times())
+        after = foreign_ticks()
+        ticks = sum(max(0, t - self._foreign0.get(pid, 0)) for pid, t in after.items())
+        self.foreign_s = ticks / CLK_TCK
+
+    @property
+    def foreign_pct(self) -> float:
+        """Other work's CPU share during the run, in % of one CPU."""
+        return 100 * self.foreign_s / max(self.wall_s, 1e-3)

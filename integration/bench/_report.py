@@ -18,6 +18,7 @@ from typing import Any
 
 ORDER = ["meshproxy-py", "meshproxy-native", "haproxy", "nginx", "stunnel", "tls-direct"]
 BASELINE = "haproxy"
+DISTURBED_PCT = 10.0  # other work's CPU share (of one CPU) that marks a cell with '*'
 
 
 @dataclass
@@ -70,8 +71,8 @@ class Results:
     # -- tables ---------------------------------------------------------------------------
     def _candidates(self, scenario: str) -> list[str]:
         seen = {r["candidate"] for r in self.records if r["scenario"] == scenario}
-        if not seen:
-            return []
+        if not seen or scenario == "ceilings":
+            return sorted(seen)
         seen |= {r["candidate"] for r in self.records if r["scenario"] == "all"}
         return [c for c in ORDER if c in seen] + sorted(seen - set(ORDER))
 
@@ -83,7 +84,18 @@ class Results:
         base = self.value(scenario, BASELINE, metric)
         if ratio and base and cand != BASELINE:
             text += f" ({v / base:.2f})"
+        if ratio and (
+            self._disturbed(scenario, cand, metric) or self._disturbed(scenario, BASELINE, metric)
+        ):
+            text += "*"
         return text
+
+    def _disturbed(self, scenario: str, cand: str, metric: str) -> bool:
+        """Whether other work took more than the re-run limit during this cell's median run."""
+        direction = metric.split("_")[0]
+        other = f"{direction}_other_cpu_pct" if direction in ("up", "down") else "other_cpu_pct"
+        v = self.value(scenario, cand, other)
+        return v is not None and v > DISTURBED_PCT
 
     def _problems(self, scenario: str, cand: str) -> str | None:
         for rec in self.records:
@@ -145,6 +157,7 @@ BULK = [
     ("down_mbps_per_cpu_s", "down MB/CPU-s", ".0f", True),
     ("up_proxy_cpu_pct", "proxy CPU% up", ".0f", False),
     ("up_cpu0_busy_pct", "CPU0 busy% up", ".0f", False),
+    ("up_other_cpu_pct", "other% up", ".0f", False),
 ]
 REQUESTS = [
     ("req_per_s_wall", "req/s", ".0f", True),
@@ -154,6 +167,7 @@ REQUESTS = [
     ("errors", "errors", ".0f", False),
     ("proxy_cpu_pct", "proxy CPU%", ".0f", False),
     ("cpu0_busy_pct", "CPU0 busy%", ".0f", False),
+    ("other_cpu_pct", "other%", ".0f", False),
 ]
 HANDSHAKES = [
     ("conn_per_s_wall", "conn/s", ".0f", True),
@@ -161,6 +175,8 @@ HANDSHAKES = [
     ("failures", "failures", ".0f", False),
     ("tickets_per_conn", "tickets/conn", ".1f", False),
     ("proxy_cpu_pct", "proxy CPU%", ".0f", False),
+    ("cpu0_busy_pct", "CPU0 busy%", ".0f", False),
+    ("other_cpu_pct", "other%", ".0f", False),
 ]
 MEMORY = [
     ("rss_idle_mib", "RSS idle MiB", ".1f", True),
@@ -190,6 +206,10 @@ def render(results: Results) -> str:
         results.table("scaling-requests", "Scaling: requests, proxy on 2 cores", REQUESTS),
     ]
     text = "\n\n".join(p for p in parts if p)
+    text += (
+        f"\n\n* = other work on this machine took more than {DISTURBED_PCT:.0f} % of a CPU "
+        "(median over the repetitions, after re-runs) during this cell or haproxy's: read with care"
+    )
     if results.notes:
         text += "\n\nNotes:\n" + "\n".join(f"* {n}" for n in results.notes)
     return text

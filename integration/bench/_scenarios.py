@@ -3,7 +3,8 @@
 Each call adds one sample per metric; the orchestrator repeats the calls (candidates
 interleaved, so slow drifts of a shared machine spread over all of them) and the medians
 become the results. CPU figures come from ``Meter``: utime + stime of the proxy's own
-processes over the load, so ``*_per_cpu_s`` = work / proxy CPU-seconds.
+processes over the load, so ``*_per_cpu_s`` = work / proxy CPU-seconds. The machine may
+be shared: a measurement that other work disturbed is run again (see ``_measure``).
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from dataclasses import dataclass, field
 
 from integration.bench import _loads as loads
 from integration.bench._candidates import Context, Server
+from integration.bench._loads import PROXY_CPU
 from integration.bench._procs import Meter, accepts, busy_pct, cpu_times, rss_kib, wait_until
 from integration.harness import free_port
 
 MB = 1e6  # MB/s here are 10^6 bytes per second, as openssl speed and the anchors use
 IDLE_CONNS = 1000
+FOREIGN_LIMIT_PCT = 10.0  # other work's CPU share (of one CPU) above which a run is redone
+RETRIES = 2
 
 Key = tuple[str, str, int, str]  # scenario, candidate, proxy cores, metric
 
@@ -26,7 +30,6 @@ Key = tuple[str, str, int, str]  # scenario, candidate, proxy cores, metric
 @dataclass
 class Samples:
     values: dict[Key, list[float]] = field(default_factory=dict)
-    details: dict[Key, str] = field(default_factory=dict)
 
     def add(self, scenario: str, cand: str, cores: int, metrics: dict[str, float]) -> None:
         for metric, value in metrics.items():
@@ -46,87 +49,133 @@ class Scenarios:
         self.sizes = sizes
         self.samples = samples
         self.cipher: str | None = None
+        self.retried = 0  # measurements run again because other work disturbed them
+        self.measured = 0
+
+    def _measure(self, run: Callable[[], tuple[dict[str, float], Meter]]) -> dict[str, float]:
+        """One measurement; again (at most twice) if other work took a CPU share meanwhile.
+
+        The machine is shared: a burst of someone else's work steals CPU from the proxy or
+        the harness and makes a cell meaningless. Of the attempts, the least disturbed one
+        is kept, and its disturbance is recorded (``other_cpu_pct``, % of one CPU).
+        """
+        best: tuple[dict[str, float], Meter] | None = None
+        for attempt in range(1 + RETRIES):
+            if attempt:
+                self.retried += 1
+                self.quiet()
+            metrics, meter = run()
+            if best is None or meter.foreign_pct < best[1].foreign_pct:
+                best = (metrics, meter)
+            if meter.foreign_pct <= FOREIGN_LIMIT_PCT:
+                break
+        assert best is not None
+        self.measured += 1
+        metrics, meter = best
+        busy = meter.busy
+        return {
+            **metrics,
+            "proxy_cpu_pct": 100 * meter.cpu_s / meter.wall_s,
+            "cpu0_busy_pct": busy.get("cpu0", 0.0),
+            "cpu1_busy_pct": busy.get("cpu1", 0.0),
+            "other_cpu_pct": meter.foreign_pct,
+        }
 
     # bulk --------------------------------------------------------------------------------
-    def _bulk_once(self, addr: str, conns: int, pids: Callable[[], list[int]]) -> dict[str, float]:
+    def _bulk_once(
+        self, addr: str, direction: str, conns: int, pids: Callable[[], list[int]]
+    ) -> tuple[dict[str, float], Meter]:
+        c = self.ctx
+        with Meter(pids) as m:
+            r = loads.bulk(c.bin_dir, addr, direction, self.sizes.bulk_bytes, conns, c.certs)
+        self.cipher = r["cipher"]
+        return {"mbps_wall": r["mbps"], "mbps_per_cpu_s": r["bytes"] / MB / max(m.cpu_s, 0.01)}, m
+
+    def _bulk(self, addr: str, conns: int, pids: Callable[[], list[int]]) -> dict[str, float]:
         out: dict[str, float] = {}
         for direction in ("up", "down"):
-            with Meter(pids) as m:
-                r = loads.bulk(
-                    self.ctx.bin_dir, addr, direction, self.sizes.bulk_bytes, conns, self.ctx.certs
-                )
-            assert m.busy is not None
-            out[f"{direction}_mbps_wall"] = r["mbps"]
-            out[f"{direction}_mbps_per_cpu_s"] = r["bytes"] / MB / max(m.cpu_s, 0.01)
-            out[f"{direction}_proxy_cpu_pct"] = 100 * m.cpu_s / m.wall_s
-            out[f"{direction}_cpu0_busy_pct"] = m.busy.get("cpu0", 0.0)
-            out[f"{direction}_cpu1_busy_pct"] = m.busy.get("cpu1", 0.0)
-            self.cipher = r["cipher"]
+            metrics = self._measure(lambda d=direction: self._bulk_once(addr, d, conns, pids))
+            out |= {f"{direction}_{k}": v for k, v in metrics.items()}
         return out
 
     def bulk(self, server: Server, prefix: str, cores: int) -> None:
         for conns in (1, 8):
-            metrics = self._bulk_once(server.listeners.bulk, conns, server.proxy_pids)
+            metrics = self._bulk(server.listeners.bulk, conns, server.proxy_pids)
             self.samples.add(f"{prefix}bulk-{conns}conn", server.name, cores, metrics)
 
     def tls_direct(self) -> None:
         """The TLS ceiling: bulkc straight into the C sink (TLS) on CPU 1, no proxy."""
         c = self.ctx
         addr = f"127.0.0.1:{free_port()}"
-        argv = [
-            "taskset",
-            "-c",
-            loads.PROXY_CPU,
-            str(c.bin_dir / "sink"),
-            addr,
-            "600",
-            str(c.certs.server_chain),
-            str(c.certs.server_key),
-            str(c.certs.ca_chain),
-        ]
-        proc = c.procs.spawn("tls-direct-sink", argv)
+        certs = [str(c.certs.server_chain), str(c.certs.server_key), str(c.certs.ca_chain)]
+        sink = str(c.bin_dir / "sink")
+        proc = c.procs.spawn(
+            "tls-direct-sink", ["taskset", "-c", PROXY_CPU, sink, addr, "600", *certs]
+        )
         try:
             wait_until(lambda: accepts(addr), 15, "the TLS sink", proc)
             for conns in (1, 8):
-                metrics = self._bulk_once(addr, conns, lambda: [proc.pid])
+                metrics = self._bulk(addr, conns, lambda: [proc.pid])
                 self.samples.add(f"bulk-{conns}conn", "tls-direct", 1, metrics)
         finally:
             c.procs.stop(proc)
 
+    def speed(self, seconds: int, quick: bool) -> tuple[str, ...]:
+        """openssl speed (AES-128-GCM, ECDSA P-256) on CPU 1; returns the commands run."""
+        commands: tuple[str, ...] = ()
+
+        def run() -> tuple[dict[str, float], Meter]:
+            nonlocal commands
+            with Meter(list) as m:
+                speed = loads.openssl_speed(seconds, quick)
+            commands = speed.commands
+            metrics = {
+                "aes_128_gcm_16k_mbps": speed.aes128gcm_16k_mbps,
+                "ecdsa_p256_sign_per_s": speed.ecdsa_sign_per_s,
+                "ecdsa_p256_verify_per_s": speed.ecdsa_verify_per_s,
+            }
+            return metrics, m
+
+        metrics = self._measure(run)
+        self.samples.add("ceilings", "openssl", 1, metrics)
+        return commands
+
     # requests ----------------------------------------------------------------------------
-    def requests(self, server: Server, prefix: str, cores: int) -> None:
+    def _requests_once(self, server: Server) -> tuple[dict[str, float], Meter]:
         with Meter(server.proxy_pids) as m:
             r = loads.wrk(server.listeners.web, self.sizes.wrk_seconds)
-        assert m.busy is not None
         metrics = {
             "req_per_s_wall": r["req_per_s"],
             "req_per_cpu_s": r["requests"] / max(m.cpu_s, 0.01),
             "p50_ms": r["p50_ms"],
             "p99_ms": r["p99_ms"],
             "errors": r["errors"],
-            "proxy_cpu_pct": 100 * m.cpu_s / m.wall_s,
-            "cpu0_busy_pct": m.busy.get("cpu0", 0.0),
-            "cpu1_busy_pct": m.busy.get("cpu1", 0.0),
         }
+        return metrics, m
+
+    def requests(self, server: Server, prefix: str, cores: int) -> None:
+        metrics = self._measure(lambda: self._requests_once(server))
         self.samples.add(f"{prefix}requests", server.name, cores, metrics)
 
     # handshakes --------------------------------------------------------------------------
-    def handshakes(self, server: Server) -> None:
+    def _handshakes_once(self, server: Server) -> tuple[dict[str, float], Meter]:
         c = self.ctx
         with Meter(server.proxy_pids) as m:
             r = loads.handshakes(
                 c.bin_dir, server.listeners.webm, self.sizes.handshake_seconds, c.certs
             )
-        assert m.busy is not None
         metrics = {
             "conn_per_s_wall": r["conn_per_s"],
             "conn_per_cpu_s": r["conns"] / max(m.cpu_s, 0.01),
             "failures": r["failures"],
             "tickets_per_conn": r["tickets_per_conn"],
-            "proxy_cpu_pct": 100 * m.cpu_s / m.wall_s,
-            "cpu0_busy_pct": m.busy.get("cpu0", 0.0),
         }
-        self.samples.add("handshakes", server.name, 1, metrics)
+        return metrics, m
+
+    def handshakes(self, server: Server) -> None:
+        self.samples.add(
+            "handshakes", server.name, 1, self._measure(lambda: self._handshakes_once(server))
+        )
 
     # memory ------------------------------------------------------------------------------
     def memory(self, server: Server) -> None:

@@ -47,7 +47,7 @@ from integration.bench._candidates import (
 from integration.bench._pki import BenchMesh
 from integration.bench._procs import Processes
 from integration.bench._report import Results, render
-from integration.bench._scenarios import Samples, Scenarios, Sizes
+from integration.bench._scenarios import FOREIGN_LIMIT_PCT, Samples, Scenarios, Sizes
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"
@@ -55,6 +55,11 @@ SCENARIOS = ("ceilings", "bulk", "requests", "handshakes", "memory", "scaling")
 CANDIDATES = ("meshproxy-py", "meshproxy-native", "haproxy", "nginx", "stunnel")
 TOOLS = ("bulkc", "hsc", "sink")
 NEEDED = ("taskset", "gcc", "haproxy", "nginx", "stunnel4", "wrk", "openssl")
+# The result scenarios (table rows) each --only scenario produces.
+PRODUCES = {
+    "bulk": ("bulk-1conn", "bulk-8conn"),
+    "scaling": ("scaling-bulk-1conn", "scaling-bulk-8conn", "scaling-requests"),
+}
 FAILURES = (loads.LoadError, RuntimeError, TimeoutError, OSError, KeyError, ValueError)
 
 
@@ -165,6 +170,13 @@ def _version(argv: list[str], pattern: str = "") -> str:
     return lines[0] if lines else "unknown"
 
 
+def _native_build() -> str:
+    api = native_engine_api()
+    so = sorted(HERE.parent.parent.glob("meshproxy/_native_tls*.so"))
+    built = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(so[0].stat().st_mtime)) if so else "?"
+    return f"ENGINE_API {api}, module built {built}"
+
+
 def describe_machine() -> tuple[dict[str, object], dict[str, str]]:
     cpuinfo = Path("/proc/cpuinfo").read_text()
     model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
@@ -181,6 +193,9 @@ def describe_machine() -> tuple[dict[str, object], dict[str, str]]:
     }
     versions = {
         "meshproxy": _version([sys.executable, "-m", "meshproxy", "--version"]),
+        "meshproxy_commit": _version(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"])
+        + " (plus uncommitted changes, if any)",
+        "meshproxy_native": _native_build(),
         "python": sys.version.split()[0],
         "openssl": _version(["openssl", "version"]),
         "haproxy": _version(["haproxy", "-v"]),
@@ -203,37 +218,17 @@ class Runner:
         self.samples = Samples()
         self.scenarios = Scenarios(ctx, plan.sizes, self.samples)
         self.native_api = native_engine_api()
+        self.started = time.monotonic()
 
     def ceilings(self) -> None:
-        print("bench: physical limits (openssl speed, TLS into the C sink)", flush=True)
-        speed = loads.openssl_speed(self.plan.speed_seconds, self.plan.quick)
-        add = self.results.add
-        add(
-            "ceilings",
-            "openssl",
-            "aes_128_gcm_16k_mbps",
-            [speed.aes128gcm_16k_mbps],
-            "MB/s",
-            detail=speed.commands[0],
-        )
-        add(
-            "ceilings",
-            "openssl",
-            "ecdsa_p256_sign_per_s",
-            [speed.ecdsa_sign_per_s],
-            "ops/s",
-            detail=speed.commands[1],
-        )
-        add(
-            "ceilings",
-            "openssl",
-            "ecdsa_p256_verify_per_s",
-            [speed.ecdsa_verify_per_s],
-            "ops/s",
-            detail=speed.commands[1],
-        )
+        self.progress("physical limits (openssl speed, TLS into the C sink) on CPU 1")
+        commands = self.scenarios.speed(self.plan.speed_seconds, self.plan.quick)
+        self.results.notes.append(f"ceilings: {'; '.join(commands)} (pinned to CPU 1)")
         for _ in range(self.plan.reps):
             self.scenarios.tls_direct()
+
+    def progress(self, text: str) -> None:
+        print(f"bench: [{time.monotonic() - self.started:4.0f} s] {text}", flush=True)
 
     def _starter(self, name: str, cores: int) -> Callable[[], Server]:
         cpus = "1" if cores == 1 else "0,1"
@@ -279,35 +274,40 @@ class Runner:
         for rep in range(self.plan.reps):
             for name in names:
                 what = ", ".join(dict.fromkeys(s for s, _ in steps))
-                print(
-                    f"bench: [{rep + 1}/{self.plan.reps}] {name} on {cores} core(s): {what}",
-                    flush=True,
-                )
+                self.progress(f"rep {rep + 1}/{self.plan.reps}: {name} on {cores} core(s): {what}")
                 self.one(name, cores, steps)
 
     def one(self, name: str, cores: int, steps: list[tuple[str, Callable[[Server], None]]]) -> None:
-        self.scenarios.quiet()
-        try:
-            server = self._starter(name, cores)()
-        except FAILURES as exc:
-            where = "all" if cores == 1 else "scaling"
-            self.results.problem(where, name, "start", f"failed to start: {exc}")
-            print(f"bench: {name} failed to start: {exc}", file=sys.stderr, flush=True)
+        server = None
+        for attempt in range(2):  # once more: e.g. meshproxy's code changed under its signature
+            self.scenarios.quiet()
+            try:
+                server = self._starter(name, cores)()
+                break
+            except FAILURES as exc:
+                print(f"bench: {name} failed to start: {exc}", file=sys.stderr, flush=True)
+                if attempt:
+                    for scenario in dict.fromkeys(s for s, _ in steps):
+                        self._problem(scenario, name, "start", f"failed to start: {exc}")
+        if server is None:
             return
         try:
             for note in server.notes:
                 if note not in self.results.notes:
                     self.results.notes.append(note)
             for scenario, fn in steps:
-                self.scenarios.quiet()
                 try:
                     fn(server)
                 except FAILURES as exc:
-                    self.results.problem(scenario, name, "error", f"failed: {exc}")
+                    self._problem(scenario, name, "error", f"failed: {exc}")
                     print(f"bench: {name} {scenario} failed: {exc}", file=sys.stderr, flush=True)
                 loads.settle(0.5)
         finally:
             self.ctx.procs.stop(server.proc)
+
+    def _problem(self, scenario: str, name: str, metric: str, detail: str) -> None:
+        for table in PRODUCES.get(scenario, (scenario,)):
+            self.results.problem(table, name, metric, detail)
 
     def finish(self) -> None:
         """Medians of the samples into the results; the background load into the notes."""
@@ -324,9 +324,16 @@ class Runner:
             ]
             self.results.notes.append(
                 "other work on this machine, sampled while nothing of the bench ran, before "
-                f"each candidate and scenario (waiting up to 20 s for both CPUs <= 15 %): "
+                f"each candidate and each re-run (waiting up to 20 s for both CPUs <= 15 %): "
                 f"{', '.join(parts)}; quiet {int(sum(quiet))} of {len(quiet)} times"
             )
+        sc = self.scenarios
+        self.results.notes.append(
+            f"other% = CPU other processes on this machine used during a measurement, in % "
+            f"of one CPU; above {FOREIGN_LIMIT_PCT:.0f} % a measurement was run again (at most "
+            f"twice, the least disturbed kept): {sc.retried} re-runs for {sc.measured} "
+            "measurements"
+        )
         if self.scenarios.cipher:
             self.results.notes.append(f"negotiated cipher: {self.scenarios.cipher}")
 
@@ -340,6 +347,8 @@ def _unit(metric: str) -> str:
         ("conn_per_s_wall", "conn/s"),
         ("conn_per_cpu_s", "conn per proxy CPU-s"),
         ("_pct", "%"),
+        ("_mbps", "MB/s"),
+        ("_per_s", "ops/s"),
         ("_ms", "ms"),
         ("_mib", "MiB"),
         ("_conns", "KiB"),
@@ -352,12 +361,13 @@ def _unit(metric: str) -> str:
 
 @contextlib.contextmanager
 def signals_as_interrupts() -> Iterator[None]:
-    """SIGTERM and SIGHUP end the run like Ctrl-C: through the blocks that stop everything."""
+    """SIGINT, SIGTERM and SIGHUP end the run through the blocks that stop everything
+    (SIGINT too: a shell starts background jobs with it ignored)."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
