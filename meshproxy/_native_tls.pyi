@@ -1,9 +1,97 @@
-"""Type stub of the C extension built from native_tls/module.c."""
+"""Type stub of the C extension built from native_tls/{module,engine,context}.c.
 
-from typing import Final
+Use it through ``meshproxy.tls`` (``NativeEngine``, ``native_server_context``...), which
+translates ``NativeError`` into the ``MeshError`` tree.
+"""
+
+from collections.abc import Sequence
+from typing import Final, final
 
 ENGINE_API: Final[int]
-"""Version of the relay-engine interface; 0 = no engine yet (version probe only)."""
+"""Version of the relay-engine interface; >= 1: Engine, Context and Event below exist."""
+
+HANDSHAKE: Final[int]
+"""Event kind: the handshake completed; the connection waits for relay() or close()."""
+HANDSHAKE_FAILED: Final[int]
+"""Final event kind: the handshake failed (reason says why); the socket is closed."""
+CLOSED: Final[int]
+"""Final event kind: the connection ended; reason None means EOF in both directions."""
+
+class NativeError(Exception):
+    """A failure inside the native engine; the message says what and why."""
+
+@final
+class Context:
+    """An SSL_CTX built from in-memory PEM; ``key_pem`` is wiped before this returns."""
+
+    def __init__(
+        self,
+        chain_pem: bytes,
+        key_pem: bytearray,
+        trust_pem: bytes | None,
+        *,
+        server: bool,
+        verify_peer: bool,
+        partial_chain: bool = True,
+        min_version: str = "1.3",
+        tickets: bool = False,
+        alpn: Sequence[str] = (),
+    ) -> None: ...
+    @property
+    def server(self) -> bool: ...
+
+@final
+class Event(tuple[object, ...]):
+    """What the engine reports about a connection (a struct sequence)."""
+
+    @property
+    def conn_id(self) -> int: ...
+    @property
+    def kind(self) -> int: ...
+    @property
+    def reason(self) -> str | None: ...
+    @property
+    def peer_cert(self) -> bytes | None: ...
+    @property
+    def alpn(self) -> str | None: ...
+    @property
+    def version(self) -> str | None: ...
+    @property
+    def cipher(self) -> str | None: ...
+    @property
+    def tls_to_app(self) -> int: ...
+    @property
+    def app_to_tls(self) -> int: ...
+
+@final
+class Engine:
+    """Worker threads (0: one per available CPU) owning TLS sessions of the tcp data path."""
+
+    def __init__(
+        self,
+        threads: int = 0,
+        *,
+        buffer_size: int = 65536,
+        read_buffer_size: int = 65536,
+        coalesce_writes: bool = True,
+        release_buffers: bool = True,
+    ) -> None: ...
+    @property
+    def threads(self) -> int: ...
+    def fileno(self) -> int:
+        """An eventfd, readable while events wait in ``events()``."""
+    def handshake(self, fd: int, ctx: Context, server_side: bool, sni: str | None = None) -> int:
+        """Start TLS on a connected TCP socket; the engine owns ``fd`` once this returns."""
+    def relay(self, conn_id: int, fd: int) -> None:
+        """Relay a handshaken connection to the app's Unix socket; the engine owns ``fd``."""
+    def close(self, conn_id: int, reason: str) -> None:
+        """End a connection; its final event carries ``reason``."""
+    def events(self) -> list[Event]:
+        """Every waiting event, oldest first."""
+    def stats(self) -> dict[str, int]:
+        """threads, active, handshakes, handshake_failures, closed, bytes_*, buffer_bytes."""
+    def shutdown(self) -> None:
+        """End every connection and join the workers (idempotent)."""
 
 def openssl_version() -> str:
     """``OpenSSL_version(OPENSSL_VERSION)`` of the libssl this module is linked against."""

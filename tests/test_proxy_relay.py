@@ -3,6 +3,9 @@
 Topology of most scenarios:
 
     app --unix--> outbound (frontend cert) --mTLS--> inbound (backend cert) --unix--> app
+
+Every scenario with a listener runs on both TLS backends: ``py`` (stdlib ssl on uvloop)
+and ``c`` (the native engine of meshproxy._native_tls).
 """
 
 from __future__ import annotations
@@ -36,7 +39,16 @@ from meshproxy.proxy import (
     OutboundListener,
     OutboundSpec,
 )
-from meshproxy.tls import TLSIdentity, client_context, server_context
+from meshproxy.proxy._native import NativeInboundListener, NativeOutboundListener
+from meshproxy.tls import (
+    NativeEngine,
+    TLSIdentity,
+    client_context,
+    native_client_context,
+    native_module,
+    native_server_context,
+    server_context,
+)
 
 DOMAIN = "mesh.local"
 
@@ -147,6 +159,9 @@ def run(scenario: Coroutine[Any, Any, None]) -> None:
             for r in resources:
                 if isinstance(r, ConnectionSet):
                     await r.drain(2.0)
+            for r in resources:
+                if isinstance(r, NativeEngine):
+                    await r.aclose()
             others = asyncio.all_tasks() - {asyncio.current_task()}
             if others:  # the apps' handlers, finishing on their EOFs
                 await asyncio.wait(others, timeout=2.0)
@@ -165,6 +180,55 @@ async def eventually(check: Callable[[], bool], what: str, timeout: float = 5.0)
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+# -- the two backends ----------------------------------------------------------------------
+Inbound = InboundListener | NativeInboundListener
+Outbound = OutboundListener | NativeOutboundListener
+
+
+@dataclass
+class Backend:
+    """Builds listeners on one TLS backend; the native engine lives for one scenario."""
+
+    name: str  # "py" | "c"
+    _engine: NativeEngine | None = None
+
+    def engine(self) -> NativeEngine:
+        if self._engine is None or self._engine._loop is not asyncio.get_running_loop():
+            self._engine = keep(NativeEngine(threads=2))
+        return self._engine
+
+    def inbound(
+        self, spec: InboundSpec, identity: TLSIdentity, connections: ConnectionSet
+    ) -> Inbound:
+        client_auth = spec.clients != "public"
+        if self.name == "py":
+            return InboundListener(spec, server_context(identity, client_auth=client_auth),
+                                   connections)  # fmt: skip
+        ctx = native_server_context(identity, client_auth=client_auth)
+        return NativeInboundListener(spec, ctx, self.engine(), connections)
+
+    def outbound(
+        self, spec: OutboundSpec, identity: TLSIdentity, connections: ConnectionSet
+    ) -> Outbound:
+        if self.name == "py":
+            return OutboundListener(spec, client_context(identity), connections)
+        ctx = native_client_context(identity)
+        return NativeOutboundListener(spec, ctx, self.engine(), connections)
+
+
+# native_tls/test-asan.sh runs only "c" under the sanitizers
+BACKENDS = os.environ.get("MESHPROXY_TEST_BACKENDS", "py,c").split(",")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    if request.param == "c" and native_module() is None:
+        if os.environ.get("MESHPROXY_NATIVE") == "off":
+            pytest.skip("MESHPROXY_NATIVE=off")
+        pytest.fail("meshproxy._native_tls is not built: pip install -e . compiles it")
+    return Backend(request.param)
 
 
 # -- building blocks -----------------------------------------------------------------------
@@ -191,6 +255,7 @@ class Mesh:
 async def start_mesh(
     ca: Pki,
     workdir: Path,
+    backend: Backend,
     app: Handler | None = echo,
     *,
     server: str = "backend",
@@ -203,16 +268,16 @@ async def start_mesh(
     app_socket = workdir / "inbound-api.sock"
     if app is not None:
         keep(await asyncio.start_unix_server(app, path=str(app_socket)))
-    inbound = InboundListener(
+    inbound = backend.inbound(
         InboundSpec("api", "127.0.0.1", 0, "marbles", allow, DOMAIN, app_socket),
-        server_context(ca.ids[server], client_auth=True),
+        ca.ids[server],
         connections,
     )
     _, port = await keep(inbound).start()
     out_socket = workdir / "outbound-store.sock"
-    outbound = OutboundListener(
+    outbound = backend.outbound(
         OutboundSpec("store", out_socket, "127.0.0.1", port, sni, peer, DOMAIN),
-        client_context(ca.ids[client]),
+        ca.ids[client],
         connections,
     )
     await keep(outbound).start()
@@ -225,10 +290,10 @@ async def app_connect(mesh: Mesh) -> tuple[asyncio.StreamReader, asyncio.StreamW
 
 # -- scenarios -----------------------------------------------------------------------------
 def test_bytes_round_trip_through_outbound_and_inbound(
-    ca: Pki, workdir: Path, events: Events
+    ca: Pki, workdir: Path, backend: Backend, events: Events
 ) -> None:
     async def scenario() -> None:
-        mesh = await start_mesh(ca, workdir)
+        mesh = await start_mesh(ca, workdir, backend)
         reader, writer = await app_connect(mesh)
         writer.write(b"hello through the mesh")
         writer.write_eof()
@@ -249,11 +314,13 @@ def test_bytes_round_trip_through_outbound_and_inbound(
     assert (out_closed["bytes_out"], out_closed["bytes_in"]) == (22, 22)
 
 
-def test_16_mib_random_payload_both_ways_compares_equal(ca: Pki, workdir: Path) -> None:
+def test_16_mib_random_payload_both_ways_compares_equal(
+    ca: Pki, workdir: Path, backend: Backend
+) -> None:
     payload = os.urandom(16 * 1024 * 1024)
 
     async def scenario() -> None:
-        mesh = await start_mesh(ca, workdir)
+        mesh = await start_mesh(ca, workdir, backend)
         reader, writer = await app_connect(mesh)
 
         async def send() -> None:
@@ -275,7 +342,9 @@ def test_16_mib_random_payload_both_ways_compares_equal(ca: Pki, workdir: Path) 
     run(scenario())
 
 
-def test_half_close_from_the_client_keeps_the_reply_direction(ca: Pki, workdir: Path) -> None:
+def test_half_close_from_the_client_keeps_the_reply_direction(
+    ca: Pki, workdir: Path, backend: Backend
+) -> None:
     async def counting_server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         data = await reader.read()  # until the client's EOF arrives through both proxies
         writer.write(f"got {len(data)} bytes".encode())
@@ -283,7 +352,7 @@ def test_half_close_from_the_client_keeps_the_reply_direction(ca: Pki, workdir: 
         writer.close()
 
     async def scenario() -> None:
-        mesh = await start_mesh(ca, workdir, counting_server)
+        mesh = await start_mesh(ca, workdir, backend, counting_server)
         reader, writer = await app_connect(mesh)
         writer.write(b"x" * 100_000)
         writer.write_eof()
@@ -293,7 +362,9 @@ def test_half_close_from_the_client_keeps_the_reply_direction(ca: Pki, workdir: 
     run(scenario())
 
 
-def test_half_close_from_the_server_keeps_the_request_direction(ca: Pki, workdir: Path) -> None:
+def test_half_close_from_the_server_keeps_the_request_direction(
+    ca: Pki, workdir: Path, backend: Backend
+) -> None:
     async def scenario() -> None:
         late: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
@@ -303,7 +374,7 @@ def test_half_close_from_the_server_keeps_the_request_direction(ca: Pki, workdir
             late.set_result(await reader.read())
             writer.close()
 
-        mesh = await start_mesh(ca, workdir, banner_server)
+        mesh = await start_mesh(ca, workdir, backend, banner_server)
         reader, writer = await app_connect(mesh)
         assert await reader.read() == b"banner"  # read() returns at EOF
         writer.write(b"sent after the server's half-close")
@@ -315,7 +386,7 @@ def test_half_close_from_the_server_keeps_the_request_direction(ca: Pki, workdir
 
 
 def test_intruder_certificate_is_refused_with_the_reason_logged(
-    ca: Pki, workdir: Path, events: Events
+    ca: Pki, workdir: Path, backend: Backend, events: Events
 ) -> None:
     reached_app: list[bool] = []
 
@@ -324,7 +395,7 @@ def test_intruder_certificate_is_refused_with_the_reason_logged(
         writer.close()
 
     async def scenario() -> None:
-        mesh = await start_mesh(ca, workdir, app, client="intruder")
+        mesh = await start_mesh(ca, workdir, backend, app, client="intruder")
         reader, writer = await app_connect(mesh)
         writer.write(b"let me in")
         assert await reader.read() == b""
@@ -341,9 +412,11 @@ def test_intruder_certificate_is_refused_with_the_reason_logged(
     assert not events.named("inbound.accept")
 
 
-def test_leaf_of_another_intermediate_is_refused(ca: Pki, workdir: Path, events: Events) -> None:
+def test_leaf_of_another_intermediate_is_refused(
+    ca: Pki, workdir: Path, backend: Backend, events: Events
+) -> None:
     async def scenario() -> None:
-        mesh = await start_mesh(ca, workdir, client="stale-frontend")
+        mesh = await start_mesh(ca, workdir, backend, client="stale-frontend")
         reader, writer = await app_connect(mesh)
         writer.write(b"hello from an outdated manifest")
         assert await reader.read() == b""
@@ -358,10 +431,10 @@ def test_leaf_of_another_intermediate_is_refused(ca: Pki, workdir: Path, events:
 
 
 def test_outbound_refuses_a_server_that_proves_the_wrong_type(
-    ca: Pki, workdir: Path, events: Events
+    ca: Pki, workdir: Path, backend: Backend, events: Events
 ) -> None:
     async def scenario() -> None:
-        mesh = await start_mesh(ca, workdir, server="intruder", allow=("frontend",))
+        mesh = await start_mesh(ca, workdir, backend, server="intruder", allow=("frontend",))
         reader, writer = await app_connect(mesh)
         writer.write(b"secret request")
         assert await reader.read() == b""
@@ -378,10 +451,10 @@ def test_outbound_refuses_a_server_that_proves_the_wrong_type(
 
 
 def test_inbound_closes_tls_when_the_app_is_not_listening(
-    ca: Pki, workdir: Path, events: Events
+    ca: Pki, workdir: Path, backend: Backend, events: Events
 ) -> None:
     async def scenario() -> None:
-        mesh = await start_mesh(ca, workdir, app=None)
+        mesh = await start_mesh(ca, workdir, backend, app=None)
         reader, writer = await app_connect(mesh)
         assert await reader.read() == b""
         writer.close()
@@ -393,7 +466,9 @@ def test_inbound_closes_tls_when_the_app_is_not_listening(
     assert line["peer"] == f"spiffe://{DOMAIN}/marble/frontend"
 
 
-def test_outbound_sends_client_hello_at_once_with_sni_and_no_alpn(ca: Pki, workdir: Path) -> None:
+def test_outbound_sends_client_hello_at_once_with_sni_and_no_alpn(
+    ca: Pki, workdir: Path, backend: Backend
+) -> None:
     """Meshes sniff the first bytes; the app's silence must not delay the ClientHello."""
 
     async def scenario() -> None:
@@ -413,7 +488,7 @@ def test_outbound_sends_client_hello_at_once_with_sni_and_no_alpn(ca: Pki, workd
 
         tcp = keep(await asyncio.start_server(upstream, "127.0.0.1", 0))
         port = tcp.sockets[0].getsockname()[1]
-        out = OutboundListener(
+        out = backend.outbound(
             OutboundSpec(
                 "store",
                 workdir / "o.sock",
@@ -423,7 +498,7 @@ def test_outbound_sends_client_hello_at_once_with_sni_and_no_alpn(ca: Pki, workd
                 "backend",
                 DOMAIN,
             ),
-            client_context(ca.ids["frontend"]),
+            ca.ids["frontend"],
             keep(ConnectionSet()),
         )
         await keep(out).start()
@@ -440,7 +515,7 @@ def test_outbound_sends_client_hello_at_once_with_sni_and_no_alpn(ca: Pki, workd
 
         tls = keep(await asyncio.start_server(alpn_echo, "127.0.0.1", 0, ssl=ctx))
         port = tls.sockets[0].getsockname()[1]
-        out2 = OutboundListener(
+        out2 = backend.outbound(
             OutboundSpec(
                 "sni",
                 workdir / "s.sock",
@@ -450,7 +525,7 @@ def test_outbound_sends_client_hello_at_once_with_sni_and_no_alpn(ca: Pki, workd
                 "backend",
                 DOMAIN,
             ),
-            client_context(ca.ids["frontend"]),
+            ca.ids["frontend"],
             keep(ConnectionSet()),
         )
         await keep(out2).start()
@@ -465,20 +540,20 @@ def test_outbound_sends_client_hello_at_once_with_sni_and_no_alpn(ca: Pki, workd
     run(scenario())
 
 
-def test_outbound_socket_is_private(ca: Pki, workdir: Path) -> None:
+def test_outbound_socket_is_private(ca: Pki, workdir: Path, backend: Backend) -> None:
     async def scenario() -> None:
-        mesh = await start_mesh(ca, workdir)
+        mesh = await start_mesh(ca, workdir, backend)
         assert mesh.outbound_socket.stat().st_mode & 0o777 == 0o600
 
     run(scenario())
 
 
-async def _public_inbound(ca: Pki, workdir: Path, app: Handler) -> int:
+async def _public_inbound(ca: Pki, workdir: Path, backend: Backend, app: Handler) -> int:
     app_socket = workdir / "inbound-web.sock"
     keep(await asyncio.start_unix_server(app, path=str(app_socket)))
-    inbound = InboundListener(
+    inbound = backend.inbound(
         InboundSpec("web", "127.0.0.1", 0, "public", (), DOMAIN, app_socket),
-        server_context(ca.ids["frontend"], client_auth=False),
+        ca.ids["frontend"],
         keep(ConnectionSet()),
     )
     _, port = await keep(inbound).start()
@@ -486,10 +561,10 @@ async def _public_inbound(ca: Pki, workdir: Path, app: Handler) -> int:
 
 
 def test_public_inbound_serves_a_client_without_certificate(
-    ca: Pki, workdir: Path, events: Events
+    ca: Pki, workdir: Path, backend: Backend, events: Events
 ) -> None:
     async def scenario() -> None:
-        port = await _public_inbound(ca, workdir, echo)
+        port = await _public_inbound(ca, workdir, backend, echo)
         client = ssl.create_default_context(cadata=ca.root_pem.decode())  # verifies the name
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", port, ssl=client, server_hostname="localhost"
@@ -504,7 +579,9 @@ def test_public_inbound_serves_a_client_without_certificate(
     assert events.named("inbound.accept")[0]["peer"] == "anonymous"
 
 
-def test_curl_with_cacert_reaches_the_app_behind_a_public_inbound(ca: Pki, workdir: Path) -> None:
+def test_curl_with_cacert_reaches_the_app_behind_a_public_inbound(
+    ca: Pki, workdir: Path, backend: Backend
+) -> None:
     async def http_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         body = b"hello from behind the proxy\n"
@@ -516,7 +593,7 @@ def test_curl_with_cacert_reaches_the_app_behind_a_public_inbound(ca: Pki, workd
         writer.close()
 
     async def scenario() -> None:
-        port = await _public_inbound(ca, workdir, http_app)
+        port = await _public_inbound(ca, workdir, backend, http_app)
         cafile = workdir / "root.pem"
         cafile.write_bytes(ca.root_pem)
         curl = await asyncio.create_subprocess_exec(
@@ -539,10 +616,10 @@ def test_curl_with_cacert_reaches_the_app_behind_a_public_inbound(ca: Pki, workd
 
 
 def test_connections_drain_then_are_cancelled_after_the_grace_period(
-    ca: Pki, workdir: Path
+    ca: Pki, workdir: Path, backend: Backend
 ) -> None:
     async def scenario() -> None:
-        mesh = await start_mesh(ca, workdir)
+        mesh = await start_mesh(ca, workdir, backend)
         reader, writer = await app_connect(mesh)
         writer.write(b"still open")
         assert await reader.readexactly(10) == b"still open"
@@ -565,7 +642,7 @@ def test_the_session_pki_has_the_expected_identities(ca: Pki) -> None:
 
 
 def test_a_peer_reset_ends_the_connection_with_a_reason_and_no_traceback(
-    ca: Pki, workdir: Path, events: Events
+    ca: Pki, workdir: Path, backend: Backend, events: Events
 ) -> None:
     async def scenario() -> None:
         app_done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -574,7 +651,7 @@ def test_a_peer_reset_ends_the_connection_with_a_reason_and_no_traceback(
             app_done.set_result(await reader.read())  # sees the end, whatever the cause
             writer.close()
 
-        mesh = await start_mesh(ca, workdir, app)
+        mesh = await start_mesh(ca, workdir, backend, app)
         ctx = client_context(ca.ids["frontend"])
         _, writer = await asyncio.open_connection("127.0.0.1", mesh.inbound_port, ssl=ctx)
         writer.write(b"half a request")
@@ -595,15 +672,15 @@ def test_a_peer_reset_ends_the_connection_with_a_reason_and_no_traceback(
 
 
 def test_an_unreachable_upstream_closes_the_app_connection_and_says_why(
-    ca: Pki, workdir: Path, events: Events
+    ca: Pki, workdir: Path, backend: Backend, events: Events
 ) -> None:
     async def scenario() -> None:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]  # nobody listens here once closed
-        out = OutboundListener(
+        out = backend.outbound(
             OutboundSpec("store", workdir / "o.sock", "127.0.0.1", port, None, "backend", DOMAIN),
-            client_context(ca.ids["frontend"]),
+            ca.ids["frontend"],
             keep(ConnectionSet()),
         )
         await keep(out).start()
@@ -645,9 +722,11 @@ def test_admin_endpoint_answers_live_and_ready(workdir: Path) -> None:
     run(scenario())
 
 
-def test_shutdown_drops_a_client_stuck_before_its_handshake(ca: Pki, workdir: Path) -> None:
+def test_shutdown_drops_a_client_stuck_before_its_handshake(
+    ca: Pki, workdir: Path, backend: Backend
+) -> None:
     async def scenario() -> None:
-        mesh = await start_mesh(ca, workdir)
+        mesh = await start_mesh(ca, workdir, backend)
         reader, writer = await asyncio.open_connection("127.0.0.1", mesh.inbound_port)
         await eventually(lambda: len(mesh.connections) == 1, "the connection to be served")
         assert await mesh.connections.drain(0.1) == 1

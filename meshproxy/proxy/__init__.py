@@ -6,6 +6,8 @@ TCP connection the proxy makes or accepts is TLS 1.3 with an identity check.
 
 from meshproxy.proxy._admin import AdminServer
 from meshproxy.proxy._inbound import InboundListener, InboundSpec
+from meshproxy.proxy._metrics import ProxyMetrics
+from meshproxy.proxy._native import NativeInboundListener, NativeOutboundListener
 from meshproxy.proxy._outbound import OutboundListener, OutboundSpec
 from meshproxy.proxy._relay import (
     ByteStream,
@@ -22,8 +24,11 @@ __all__ = [
     "ConnectionSet",
     "InboundListener",
     "InboundSpec",
+    "NativeInboundListener",
+    "NativeOutboundListener",
     "OutboundListener",
     "OutboundSpec",
+    "ProxyMetrics",
     "RelayResult",
     "UnixStream",
     "bind_unix_socket",

@@ -17,8 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshproxy.errors import MeshError
-from meshproxy.pki import check_peer
+from meshproxy.pki import PeerIdentity, check_peer
+from meshproxy.proxy import _proxyproto
+from meshproxy.proxy._metrics import Connection, ProxyMetrics
 from meshproxy.proxy._relay import ConnectionSet, UnixStream, relay
+from meshproxy.proxy.http import InboundHttp, serve_inbound_http
 from meshproxy.tls import TLSStream, describe_error
 
 log = logging.getLogger("meshproxy.proxy.inbound")
@@ -34,14 +37,24 @@ class InboundSpec:
     trust_domain: str
     app_socket: Path
     handshake_timeout: float = 10.0
+    http: InboundHttp | None = None  # protocol: http (None: tcp)
+    proxy_protocol: bool = False  # tcp: a PROXY v2 header with the peer identity first
 
 
 class InboundListener:
-    def __init__(self, spec: InboundSpec, ctx: ssl.SSLContext, connections: ConnectionSet) -> None:
+    def __init__(
+        self,
+        spec: InboundSpec,
+        ctx: ssl.SSLContext,
+        connections: ConnectionSet,
+        metrics: ProxyMetrics | None = None,
+    ) -> None:
         self.spec = spec
         self._ctx = ctx
         self._connections = connections
+        self._metrics = metrics
         self._server: asyncio.Server | None = None
+        self._port = spec.port
 
     async def start(self) -> tuple[str, int]:
         """Listen; returns the address actually bound."""
@@ -60,6 +73,7 @@ class InboundListener:
                 f"{exc.strerror or exc}"
             ) from None
         host, port = self._server.sockets[0].getsockname()[:2]
+        self._port = int(port)
         return str(host), int(port)
 
     def stop_accepting(self) -> None:
@@ -86,6 +100,7 @@ class InboundListener:
             self._refuse(fields, f"TLS handshake failed: {reason}")
             await stream.aclose()
             return
+        peer: PeerIdentity | None = None
         if spec.clients == "marbles":
             try:
                 peer = check_peer(
@@ -102,6 +117,13 @@ class InboundListener:
         else:
             fields["peer"] = "anonymous"
         log.info("inbound accepted", extra={"event": "inbound.accept", **fields})
+        if spec.http is not None:
+            await serve_inbound_http(
+                stream, listener=spec.name, app_socket=spec.app_socket, settings=spec.http,
+                peer=peer, metrics=self._metrics, log_fields=fields,
+            )  # fmt: skip
+            return
+        counted = self._count(peer)
         try:
             reader, writer = await asyncio.open_unix_connection(str(spec.app_socket))
         except OSError as exc:
@@ -111,9 +133,15 @@ class InboundListener:
                        "reason": exc.strerror or str(exc), **fields},
             )  # fmt: skip
             await stream.aclose()
+            if counted is not None:
+                counted.closed(0, 0, ok=False)
             return
+        if spec.proxy_protocol:
+            writer.write(_proxyproto.for_peer(peer, stream.remote, (spec.host, self._port)))
         started = time.monotonic()
         result = await relay(stream, UnixStream(reader, writer))
+        if counted is not None:
+            counted.closed(result.a_to_b, result.b_to_a, ok=result.error is None)
         log.info(
             "inbound closed",
             extra={"event": "inbound.close", "bytes_in": result.a_to_b,
@@ -121,8 +149,14 @@ class InboundListener:
                    "duration_ms": round((time.monotonic() - started) * 1000), **fields},
         )  # fmt: skip
 
-    @staticmethod
-    def _refuse(fields: dict[str, object], reason: str) -> None:
+    def _count(self, peer: PeerIdentity | None) -> Connection | None:
+        if self._metrics is None:
+            return None
+        return self._metrics.connection("inbound", self.spec.name, peer.spiffe_id if peer else "")
+
+    def _refuse(self, fields: dict[str, object], reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.tcp_refused(self.spec.name)
         log.warning(
             "inbound refused", extra={"event": "inbound.refused", "reason": reason, **fields}
         )

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshproxy.errors import MeshError
-from meshproxy.pki import check_peer
+from meshproxy.pki import check_peer, spiffe_id
+from meshproxy.proxy._metrics import ProxyMetrics
 from meshproxy.proxy._relay import ConnectionSet, UnixStream, bind_unix_socket, relay
+from meshproxy.proxy.http import OutboundHttp, serve_outbound_http
 from meshproxy.tls import connect
 
 log = logging.getLogger("meshproxy.proxy.outbound")
@@ -35,13 +37,21 @@ class OutboundSpec:
     peer: str  # the marble type the server must prove
     trust_domain: str
     connect_timeout: float = 10.0
+    http: OutboundHttp | None = None  # protocol: http (None: tcp)
 
 
 class OutboundListener:
-    def __init__(self, spec: OutboundSpec, ctx: ssl.SSLContext, connections: ConnectionSet) -> None:
+    def __init__(
+        self,
+        spec: OutboundSpec,
+        ctx: ssl.SSLContext,
+        connections: ConnectionSet,
+        metrics: ProxyMetrics | None = None,
+    ) -> None:
         self.spec = spec
         self._ctx = ctx
         self._connections = connections
+        self._metrics = metrics
         self._server: asyncio.Server | None = None
 
     async def start(self) -> Path:
@@ -69,6 +79,15 @@ class OutboundListener:
         spec = self.spec
         upstream = f"{spec.host}:{spec.port}"
         fields: dict[str, object] = {"listener": spec.name, "upstream": upstream}
+        peer_id = spiffe_id(spec.trust_domain, spec.peer)
+        if spec.http is not None:
+            await serve_outbound_http(
+                app, listener=spec.name, host=spec.host, port=spec.port, sni=spec.sni,
+                peer=spec.peer, peer_id=peer_id, trust_domain=spec.trust_domain,
+                connect_timeout=spec.connect_timeout, settings=spec.http, metrics=self._metrics,
+                log_fields=fields,
+            )  # fmt: skip
+            return
         try:
             stream = await connect(
                 self._ctx, spec.host, spec.port, sni=spec.sni, timeout=spec.connect_timeout
@@ -96,8 +115,12 @@ class OutboundListener:
             return
         fields |= {"peer": peer.spiffe_id, "peer_uuid": peer.uuid}
         log.info("outbound connected", extra={"event": "outbound.connect", **fields})
+        metrics = self._metrics
+        counted = metrics.connection("outbound", spec.name, peer_id) if metrics else None
         started = time.monotonic()
         result = await relay(app, stream)
+        if counted is not None:
+            counted.closed(result.b_to_a, result.a_to_b, ok=result.error is None)
         log.info(
             "outbound closed",
             extra={"event": "outbound.close", "bytes_out": result.a_to_b,

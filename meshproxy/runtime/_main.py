@@ -25,21 +25,29 @@ from meshproxy import __version__
 from meshproxy._log import setup as setup_logging
 from meshproxy.config import MarbleConfig, load_marble_config
 from meshproxy.errors import PolicyError, UsageError
-from meshproxy.pki import cert_to_pem, certs_to_pem, generate_key, key_to_pem
+from meshproxy.pki import cert_to_pem, certs_to_pem, generate_key, key_to_pem, spiffe_id
 from meshproxy.proxy import (
     AdminServer,
     ConnectionSet,
     InboundListener,
     InboundSpec,
+    NativeInboundListener,
+    NativeOutboundListener,
     OutboundListener,
     OutboundSpec,
+    ProxyMetrics,
 )
+from meshproxy.proxy.http import InboundHttp, OutboundHttp, RoutePolicy, resolve_routes, with_alpn
 from meshproxy.runtime._activate import activate, quote_provider, write_files
 from meshproxy.runtime._app import Supervisor, app_environment, become_subreaper
 from meshproxy.tls import (
+    NativeEngine,
     TLSIdentity,
+    active_backend,
     client_context,
     describe_backend,
+    native_client_context,
+    native_server_context,
     select_backend,
     server_context,
 )
@@ -65,6 +73,7 @@ class RunPlan:
     allow: Mapping[str, tuple[str, ...]]  # inbound listener -> caller types
     shutdown_grace: float = SHUTDOWN_GRACE
     drain_grace: float = DRAIN_GRACE
+    routes: Mapping[str, RoutePolicy] = field(default_factory=dict)  # http listener -> rules
 
 
 def run(config_path: Path, app_argv: Sequence[str]) -> int:
@@ -137,7 +146,8 @@ def make_plan(
         env=app_environment(os.environ, activation.env, ours),
         identity=identity,
         trust_domain=activation.mesh.trust_domain,
-        allow=resolve_allow(cfg, activation.mesh),
+        allow=(allow := resolve_allow(cfg, activation.mesh)),
+        routes=resolve_routes(cfg, activation.mesh, allow),
     )
 
 
@@ -171,8 +181,13 @@ async def serve(plan: RunPlan) -> int:
     cfg = plan.config
     connections = ConnectionSet()
     ready = False
-    admin = AdminServer(cfg.admin_socket, ready=lambda: ready)
-    inbound, outbound = _listeners(plan, connections)
+    metrics = ProxyMetrics(tls_backend=active_backend())
+    admin = AdminServer(cfg.admin_socket, ready=lambda: ready, metrics=metrics)
+    engine = NativeEngine() if active_backend() == "native" else None  # tcp listeners' TLS
+    if engine is not None:
+        log.info("native TLS engine started", extra={"event": "tls.engine",
+                                                      "threads": engine.threads})  # fmt: skip
+    inbound, outbound = _listeners(plan, connections, metrics, engine)
     if not become_subreaper():
         log.warning("cannot become a child subreaper; orphans of the app may stay zombies",
                     extra={"event": "runtime.subreaper"})  # fmt: skip
@@ -216,15 +231,22 @@ async def serve(plan: RunPlan) -> int:
             await supervisor.wait()
         supervisor.uninstall()
         await admin.close()
+        if engine is not None:
+            await engine.aclose()  # after the drain: ends what the grace period left open
         cfg.ready_file.unlink(missing_ok=True)
 
 
 def _listeners(
-    plan: RunPlan, connections: ConnectionSet
-) -> tuple[list[InboundListener], list[OutboundListener]]:
+    plan: RunPlan,
+    connections: ConnectionSet,
+    metrics: ProxyMetrics | None = None,
+    engine: NativeEngine | None = None,
+) -> tuple[
+    list[InboundListener | NativeInboundListener], list[OutboundListener | NativeOutboundListener]
+]:
     cfg = plan.config
     mtls = public = None
-    inbound = []
+    inbound: list[InboundListener | NativeInboundListener] = []
     for i in cfg.inbound:
         if i.clients == "marbles":
             mtls = mtls or server_context(plan.identity, client_auth=True)
@@ -232,21 +254,42 @@ def _listeners(
         else:
             public = public or server_context(plan.identity, client_auth=False)
             ctx = public
+        http = None
+        if i.protocol != "tcp":  # its own context: it selects ALPN h2 (or http/1.1)
+            alpn = ("h2",) if i.protocol == "hbone" else ("h2", "http/1.1")
+            ctx = with_alpn(server_context(plan.identity, client_auth=i.clients == "marbles"), alpn)
+            our_id = spiffe_id(plan.trust_domain, cfg.marble.type)
+            http = InboundHttp(
+                i.app_protocol, our_id, plan.routes.get(i.name, RoutePolicy()),
+                mode=i.protocol, proxy_protocol=i.proxy_protocol == "v2",
+            )  # fmt: skip
         spec = InboundSpec(
             name=i.name, host=i.listen.host, port=i.listen.port, clients=i.clients,
             allow=plan.allow.get(i.name, ()), trust_domain=plan.trust_domain,
-            app_socket=cfg.inbound_socket(i.name),
+            app_socket=cfg.inbound_socket(i.name), http=http,
+            proxy_protocol=i.proxy_protocol == "v2" and i.protocol == "tcp",
         )  # fmt: skip
-        inbound.append(InboundListener(spec, ctx, connections))
+        if engine is not None and http is None:  # protocol tcp: the C engine relays it
+            nctx = native_server_context(plan.identity, client_auth=i.clients == "marbles")
+            inbound.append(NativeInboundListener(spec, nctx, engine, connections, metrics))
+            continue
+        inbound.append(InboundListener(spec, ctx, connections, metrics))
     client = client_context(plan.identity) if cfg.outbound else None
-    outbound = []
+    offers = {p: client_context(plan.identity, alpn=(p,)) for p in ("h2", "http/1.1")}
+    native_client = native_client_context(plan.identity) if engine and cfg.outbound else None
+    outbound: list[OutboundListener | NativeOutboundListener] = []
     for o in cfg.outbound:
         assert client is not None
         spec_out = OutboundSpec(
             name=o.name, socket_path=cfg.outbound_socket(o.name), host=o.upstream.host,
             port=o.upstream.port, sni=o.sni, peer=o.peer, trust_domain=plan.trust_domain,
+            http=OutboundHttp(offers, mode=o.protocol) if o.protocol != "tcp" else None,
         )  # fmt: skip
-        outbound.append(OutboundListener(spec_out, client, connections))
+        if native_client is not None and engine is not None and spec_out.http is None:
+            outbound.append(NativeOutboundListener(spec_out, native_client, engine,
+                                                   connections, metrics))  # fmt: skip
+            continue
+        outbound.append(OutboundListener(spec_out, client, connections, metrics))
     return inbound, outbound
 
 

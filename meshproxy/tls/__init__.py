@@ -1,17 +1,35 @@
 """TLS backend selection and context building.
 
-``MESHPROXY_NATIVE=auto|require|off`` chooses the backend. Only the Python backend
-(stdlib ``ssl`` on uvloop) relays today; the compiled module ``meshproxy._native_tls``
-exists but exports no engine yet (``ENGINE_API == 0``), so ``require`` fails closed rather
-than running on the Python backend in silence.
+``MESHPROXY_NATIVE=auto|require|off`` chooses the backend of ``protocol: tcp`` listeners:
+
+* ``native``: the C engine of ``meshproxy._native_tls`` (``ENGINE_API >= 1``) owns the
+  TLS sessions and relays bytes on worker threads (``meshproxy.tls._native``);
+* ``python``: stdlib ``ssl`` on uvloop (``meshproxy.tls._python``).
+
+``auto`` takes the engine when it loads, else Python; ``require`` fails closed
+(``NativeUnavailable``) rather than running on Python in silence; ``off`` forces Python.
+The choice is logged at start (``describe_backend``) and readable for metrics
+(``active_backend``).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+from dataclasses import dataclass
 from types import ModuleType
 
 from meshproxy.errors import ConfigError, NativeUnavailable
+from meshproxy.tls._native import (
+    Closed,
+    Handshake,
+    NativeEngine,
+    NativeSession,
+    format_peer,
+    native_client_context,
+    native_server_context,
+)
+from meshproxy.tls._native import load as load_native
 from meshproxy.tls._python import (
     CHUNK,
     TLSIdentity,
@@ -24,54 +42,87 @@ from meshproxy.tls._python import (
 
 __all__ = [
     "CHUNK",
+    "Closed",
+    "Handshake",
+    "NativeEngine",
+    "NativeSession",
     "TLSIdentity",
     "TLSStream",
+    "active_backend",
     "client_context",
     "connect",
     "describe_backend",
     "describe_error",
+    "format_peer",
+    "native_client_context",
     "native_module",
+    "native_server_context",
     "select_backend",
     "server_context",
 ]
 
 _MODES = ("auto", "require", "off")
+PYTHON = "python"
+NATIVE = "native"
+
+
+@dataclass
+class _Selection:
+    backend: str | None = None
+    detail: str = ""
+
+
+_selected = _Selection()
 
 
 def native_module() -> ModuleType | None:
-    """The compiled module, or None when it was not built."""
+    """The compiled module, or None when it was not built (or is disabled for a test)."""
+    if os.environ.get("MESHPROXY_NATIVE_MODULE_DISABLE") == "1":
+        return None
     try:
-        from meshproxy import _native_tls
+        return importlib.import_module("meshproxy._native_tls")
     except ImportError:
         return None
-    return _native_tls
-
-
-def describe_backend() -> str:
-    """The active backend in one line, for the start-up log and the metrics label."""
-    native = native_module()
-    if native is None:
-        state = "native module missing"
-    else:
-        state = f"native module loaded: {native.openssl_version()}"
-    return f"python (stdlib ssl on uvloop); {state}"
 
 
 def select_backend(mode: str | None = None) -> str:
-    """The backend to run (``"python"``); refuses ``require`` while no engine exists."""
+    """Choose the backend (``"native"`` or ``"python"``) for this process and remember it."""
     mode = os.environ.get("MESHPROXY_NATIVE", "auto") if mode is None else mode
     if mode not in _MODES:
         raise ConfigError(f"MESHPROXY_NATIVE={mode!r}: must be one of {', '.join(_MODES)}")
-    if mode == "require":
-        native = native_module()
-        if native is None:
-            raise NativeUnavailable(
-                "MESHPROXY_NATIVE=require but meshproxy._native_tls is not built "
-                "(install meshproxy with pip to compile it)"
-            )
-        if native.ENGINE_API < 1:
-            raise NativeUnavailable(
-                "MESHPROXY_NATIVE=require but the native TLS engine is not implemented yet "
-                f"(ENGINE_API {native.ENGINE_API}); use MESHPROXY_NATIVE=auto or off"
-            )
-    return "python"
+    if mode == "off":
+        _selected.backend, _selected.detail = PYTHON, "MESHPROXY_NATIVE=off"
+        return PYTHON
+    try:
+        native = load_native()
+    except NativeUnavailable as exc:
+        if mode == "require":
+            raise NativeUnavailable(f"MESHPROXY_NATIVE=require but {exc}") from None
+        _selected.backend, _selected.detail = PYTHON, _why_not(exc)
+        return PYTHON
+    _selected.backend = NATIVE
+    _selected.detail = f"meshproxy._native_tls ENGINE_API {native.ENGINE_API}"
+    return NATIVE
+
+
+def active_backend() -> str:
+    """The backend this process runs (``"native"`` or ``"python"``), for metrics labels."""
+    if _selected.backend is None:
+        select_backend()
+    assert _selected.backend is not None
+    return _selected.backend
+
+
+def describe_backend() -> str:
+    """The active backend in one line, for the start-up log."""
+    backend = active_backend()
+    native = native_module()
+    version = native.openssl_version() if native is not None else None
+    if backend == NATIVE:
+        return f"native (C engine on {version}; {_selected.detail})"
+    state = "native module missing" if native is None else f"native module loaded: {version}"
+    return f"python (stdlib ssl on uvloop); {state}; {_selected.detail}"
+
+
+def _why_not(exc: NativeUnavailable) -> str:
+    return f"MESHPROXY_NATIVE=auto, native engine unavailable: {exc}"

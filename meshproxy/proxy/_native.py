@@ -1,0 +1,392 @@
+"""``protocol: tcp`` listeners on the native engine: Python decides, C moves the bytes.
+
+Per connection Python accepts (inbound) or dials (outbound) the TCP socket and hands it
+to the engine, which runs the handshake on a worker thread (a client's ClientHello
+leaves at once). Python then checks the peer's identity (``pki.check_peer``), opens or
+passes the app's Unix socket, and hands that over too; from there the worker relays
+both ways, with half-close and back-pressure, until its final event, which becomes the
+same one log line per connection as on the Python backend (``_inbound``/``_outbound``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from meshproxy.errors import ConnectError, MeshError
+from meshproxy.pki import PeerIdentity, check_peer
+from meshproxy.proxy import _proxyproto
+from meshproxy.proxy._inbound import InboundSpec
+from meshproxy.proxy._metrics import Connection, ProxyMetrics
+from meshproxy.proxy._outbound import OutboundSpec
+from meshproxy.proxy._relay import ConnectionSet, bind_unix_socket
+from meshproxy.tls import NativeEngine, NativeSession
+
+if TYPE_CHECKING:
+    from meshproxy._native_tls import Context
+
+log_in = logging.getLogger("meshproxy.proxy.inbound")
+log_out = logging.getLogger("meshproxy.proxy.outbound")
+
+BACKLOG = 1024
+ACCEPT_BATCH = 64  # accepts per readiness callback, so a flood cannot starve the loop
+_RETRY_ACCEPT = 1.0  # out of fds or memory: pause accepting (asyncio does the same)
+_FD_LIMITS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+APP_CONNECT_TIMEOUT = 5.0  # the app's accept backlog full for this long: refuse
+
+
+class _Acceptor:
+    """Non-blocking accept on listening sockets, calling ``on_accept`` per connection."""
+
+    def __init__(self, name: str, on_accept: Callable[[socket.socket], None]) -> None:
+        self._name = name
+        self._on_accept = on_accept
+        self._socks: list[socket.socket] = []
+
+    def watch(self, sock: socket.socket) -> None:
+        self._socks.append(sock)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._ready, sock)
+
+    def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self._socks:
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(sock.fileno())
+            sock.close()
+        self._socks.clear()
+
+    def _ready(self, sock: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno not in _FD_LIMITS:
+                    raise
+                self._pause(sock, exc)
+                return
+            conn.setblocking(False)
+            self._on_accept(conn)
+
+    def _pause(self, sock: socket.socket, exc: OSError) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(sock.fileno())
+        log_in.warning(
+            "cannot accept, pausing", extra={"event": "listener.accept_paused",
+                                             "listener": self._name, "reason": str(exc)},
+        )  # fmt: skip
+
+        def resume() -> None:
+            if sock in self._socks:
+                loop.add_reader(sock.fileno(), self._ready, sock)
+
+        loop.call_later(_RETRY_ACCEPT, resume)
+
+
+async def _connect_unix(path: Path) -> socket.socket:
+    """A connected non-blocking Unix socket. Not ``loop.sock_connect``: on AF_UNIX a full
+    accept backlog fails connect() with EAGAIN (never EINPROGRESS), and both asyncio and
+    uvloop then report success on a socket that is not connected. Retry as a blocking
+    connect() would wait, for at most APP_CONNECT_TIMEOUT."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        delay, waited = 0.001, 0.0
+        while True:
+            try:
+                sock.connect(str(path))
+                return sock
+            except BlockingIOError:
+                if waited >= APP_CONNECT_TIMEOUT:
+                    raise OSError(errno.EAGAIN, "the app's accept backlog stays full") from None
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 0.05)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _count(
+    metrics: ProxyMetrics | None, direction: str, listener: str, peer: PeerIdentity | None
+) -> Connection | None:
+    if metrics is None:
+        return None
+    return metrics.connection(direction, listener, peer.spiffe_id if peer else "")
+
+
+def _close_app(app: socket.socket) -> None:
+    """Close the app's socket so that it reads EOF: a Unix socket closed with unread bytes
+    resets its peer instead (the Python backend's transport has always read them)."""
+    with contextlib.suppress(OSError):
+        for _ in range(16):
+            if not app.recv(16384, socket.MSG_DONTWAIT):
+                break
+    app.close()
+
+
+class NativeInboundListener:
+    """Inbound TLS on a TCP port -> the app's Unix socket, relayed by the engine."""
+
+    def __init__(
+        self,
+        spec: InboundSpec,
+        ctx: Context,
+        engine: NativeEngine,
+        connections: ConnectionSet,
+        metrics: ProxyMetrics | None = None,
+    ) -> None:
+        self.spec = spec
+        self._ctx = ctx
+        self._engine = engine
+        self._connections = connections
+        self._metrics = metrics
+        self._acceptor = _Acceptor(spec.name, self._accepted)
+        self._port = spec.port
+
+    def set_context(self, ctx: Context) -> None:
+        """Rotation: new connections use ``ctx``; open ones keep the context they have."""
+        self._ctx = ctx
+
+    async def start(self) -> tuple[str, int]:
+        """Listen; returns the address actually bound."""
+        spec = self.spec
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(
+                spec.host, spec.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+            family, kind, proto, _, addr = infos[0]
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(addr)
+                sock.listen(BACKLOG)
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                raise
+        except OSError as exc:
+            raise MeshError(
+                f"inbound {spec.name}: cannot listen on {spec.host}:{spec.port}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        self._acceptor.watch(sock)
+        host, port = sock.getsockname()[:2]
+        self._port = int(port)
+        return str(host), int(port)
+
+    def stop_accepting(self) -> None:
+        self._acceptor.close()
+
+    def _accepted(self, conn: socket.socket) -> None:
+        try:
+            session = self._engine.handshake(conn, self._ctx, server_side=True)
+        except MeshError as exc:  # the engine is shutting down; the socket is closed
+            log_in.warning("inbound dropped", extra={"event": "inbound.refused",
+                                                     "listener": self.spec.name,
+                                                     "reason": str(exc)})  # fmt: skip
+            return
+        self._connections.spawn(self._serve(session))
+
+    async def _serve(self, session: NativeSession) -> None:
+        try:
+            await self._serve_checked(session)
+        except BaseException as exc:
+            session.close("shutdown" if isinstance(exc, asyncio.CancelledError) else "error")
+            raise
+
+    async def _serve_checked(self, session: NativeSession) -> None:
+        spec = self.spec
+        fields: dict[str, object] = {"listener": spec.name, "remote": session.remote}
+        try:
+            hs = await session.handshake(spec.handshake_timeout)
+        except ConnectError as exc:
+            self._refuse(fields, f"TLS handshake failed: {exc}")
+            return
+        peer: PeerIdentity | None = None
+        if spec.clients == "marbles":
+            try:
+                peer = check_peer(
+                    hs.peer_cert or b"",
+                    trust_domain=spec.trust_domain,
+                    allowed_types=spec.allow,
+                    role="client",
+                )
+            except MeshError as exc:
+                self._refuse(fields, str(exc))
+                session.close(str(exc))
+                return
+            fields |= {"peer": peer.spiffe_id, "peer_uuid": peer.uuid}
+        else:
+            fields["peer"] = "anonymous"
+        log_in.info("inbound accepted", extra={"event": "inbound.accept", **fields})
+        counted = _count(self._metrics, "inbound", spec.name, peer)
+        loop = asyncio.get_running_loop()
+        try:
+            app = await _connect_unix(spec.app_socket)
+        except OSError as exc:
+            log_in.warning(
+                "app is not listening",
+                extra={"event": "inbound.app_unavailable", "socket": str(spec.app_socket),
+                       "reason": exc.strerror or str(exc), **fields},
+            )  # fmt: skip
+            session.close("app is not listening")
+            if counted is not None:
+                counted.closed(0, 0, ok=False)
+            return
+        try:
+            if spec.proxy_protocol:
+                header = _proxyproto.for_peer(peer, session.remote, (spec.host, self._port))
+                await loop.sock_sendall(app, header)
+        except BaseException:
+            _close_app(app)
+            raise
+        started = time.monotonic()
+        session.relay(app)
+        result = await session.wait_closed()
+        if counted is not None:
+            counted.closed(result.tls_to_app, result.app_to_tls, ok=result.reason is None)
+        log_in.info(
+            "inbound closed",
+            extra={"event": "inbound.close", "bytes_in": result.tls_to_app,
+                   "bytes_out": result.app_to_tls, "reason": result.reason or "eof",
+                   "duration_ms": round((time.monotonic() - started) * 1000), **fields},
+        )  # fmt: skip
+
+    def _refuse(self, fields: dict[str, object], reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.tcp_refused(self.spec.name)
+        log_in.warning(
+            "inbound refused", extra={"event": "inbound.refused", "reason": reason, **fields}
+        )
+
+
+class NativeOutboundListener:
+    """The app's plaintext on a Unix socket -> mTLS to an upstream, relayed by the engine."""
+
+    def __init__(
+        self,
+        spec: OutboundSpec,
+        ctx: Context,
+        engine: NativeEngine,
+        connections: ConnectionSet,
+        metrics: ProxyMetrics | None = None,
+    ) -> None:
+        self.spec = spec
+        self._ctx = ctx
+        self._engine = engine
+        self._connections = connections
+        self._metrics = metrics
+        self._acceptor = _Acceptor(spec.name, self._accepted)
+
+    def set_context(self, ctx: Context) -> None:
+        """Rotation: new connections use ``ctx``; open ones keep the context they have."""
+        self._ctx = ctx
+
+    async def start(self) -> Path:
+        self._acceptor.watch(bind_unix_socket(self.spec.socket_path))
+        return self.spec.socket_path
+
+    def stop_accepting(self) -> None:
+        self._acceptor.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.spec.socket_path.unlink()
+
+    def _accepted(self, app: socket.socket) -> None:
+        self._connections.spawn(self._serve(app))
+
+    async def _serve(self, app: socket.socket) -> None:
+        session: list[NativeSession] = []
+        try:
+            await self._serve_checked(app, session)
+        except BaseException as exc:
+            if app.fileno() >= 0:  # the engine has not taken it over
+                _close_app(app)
+            for s in session:
+                s.close("shutdown" if isinstance(exc, asyncio.CancelledError) else "error")
+            raise
+
+    async def _serve_checked(self, app: socket.socket, opened: list[NativeSession]) -> None:
+        spec = self.spec
+        upstream = f"{spec.host}:{spec.port}"
+        fields: dict[str, object] = {"listener": spec.name, "upstream": upstream}
+        try:
+            tcp = await self._dial()
+            session = self._engine.handshake(tcp, self._ctx, server_side=False, sni=spec.sni)
+            opened.append(session)
+            hs = await session.handshake(spec.connect_timeout)
+        except ConnectError as exc:
+            reason = str(exc) if not opened else f"TLS handshake with {upstream} failed: {exc}"
+            log_out.warning(
+                "upstream failed", extra={"event": "outbound.error", "reason": reason, **fields}
+            )
+            _close_app(app)
+            return
+        try:
+            peer = check_peer(
+                hs.peer_cert or b"",
+                trust_domain=spec.trust_domain,
+                allowed_types=(spec.peer,),
+                role="server",
+            )
+        except MeshError as exc:
+            log_out.warning(
+                "upstream refused",
+                extra={"event": "outbound.refused", "reason": str(exc), **fields},
+            )
+            session.close(str(exc))
+            _close_app(app)
+            return
+        fields |= {"peer": peer.spiffe_id, "peer_uuid": peer.uuid}
+        log_out.info("outbound connected", extra={"event": "outbound.connect", **fields})
+        counted = _count(self._metrics, "outbound", spec.name, peer)
+        started = time.monotonic()
+        session.relay(app)
+        result = await session.wait_closed()
+        if counted is not None:
+            counted.closed(result.tls_to_app, result.app_to_tls, ok=result.reason is None)
+        log_out.info(
+            "outbound closed",
+            extra={"event": "outbound.close", "bytes_out": result.app_to_tls,
+                   "bytes_in": result.tls_to_app, "reason": result.reason or "eof",
+                   "duration_ms": round((time.monotonic() - started) * 1000), **fields},
+        )  # fmt: skip
+
+    async def _dial(self) -> socket.socket:
+        """TCP to the upstream, each resolved address in turn (as ``create_connection``)."""
+        spec = self.spec
+        loop = asyncio.get_running_loop()
+        last: OSError | None = None
+        try:
+            async with asyncio.timeout(spec.connect_timeout):
+                infos = await loop.getaddrinfo(spec.host, spec.port, type=socket.SOCK_STREAM)
+                for family, kind, proto, _, addr in infos:
+                    sock = socket.socket(family, kind, proto)
+                    try:
+                        sock.setblocking(False)
+                        await loop.sock_connect(sock, addr)
+                    except OSError as exc:
+                        sock.close()
+                        last = exc
+                        continue
+                    except BaseException:
+                        sock.close()
+                        raise
+                    return sock
+        except TimeoutError:
+            raise ConnectError(f"connecting to {spec.host}:{spec.port} timed out") from None
+        except OSError as exc:
+            last = exc
+        # uvloop's sock_connect words strerror as "Connect call failed (addr)": use errno
+        reason = (os.strerror(last.errno) if last.errno else str(last)) if last else "no address"
+        raise ConnectError(f"cannot connect to {spec.host}:{spec.port}: {reason}")

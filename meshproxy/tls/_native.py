@@ -1,0 +1,273 @@
+"""The native TLS backend: ``meshproxy._native_tls`` contexts and its engine on asyncio.
+
+The C engine owns the TLS sessions of ``protocol: tcp`` listeners and relays their bytes
+to the app's Unix socket on its own worker threads, without the GIL. Python never sees
+those bytes; it sees events. ``NativeEngine`` binds the engine to the running loop: the
+engine's eventfd is a loop reader, and each batch of events resolves the futures of the
+``NativeSession`` they belong to (``HANDSHAKE`` -> the handshake future; a final
+``HANDSHAKE_FAILED`` or ``CLOSED`` -> the handshake future fails, the closed future
+resolves). A socket is handed over with ``detach()`` only after the engine accepted it,
+so every fd has exactly one owner that closes it.
+
+Native failures arrive as ``NativeError`` and become ``MeshError``s in ``_translate``,
+and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import os
+import socket
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+from meshproxy.errors import ConnectError, MeshError, NativeUnavailable, PKIError
+from meshproxy.tls._python import TLSIdentity
+
+if TYPE_CHECKING:
+    from meshproxy._native_tls import Context, Engine, Event
+
+DISABLE_ENV = "MESHPROXY_NATIVE_MODULE_DISABLE"  # "1": behave as if the module were not built
+
+# Chosen by measurement (native_tls/README.md): 64 KiB direction buffers and read-ahead,
+# TLS records gathered into one send(); idle sessions give their OpenSSL buffers back.
+BUFFER_SIZE = 64 * 1024
+READ_BUFFER_SIZE = 64 * 1024
+
+
+def load() -> ModuleType:
+    """The compiled engine, or ``NativeUnavailable`` saying why it cannot be used."""
+    if os.environ.get(DISABLE_ENV) == "1":
+        raise NativeUnavailable(f"meshproxy._native_tls is disabled by {DISABLE_ENV}=1")
+    try:
+        _native_tls = importlib.import_module("meshproxy._native_tls")  # honours sys.modules
+    except ImportError as exc:
+        raise NativeUnavailable(
+            f"meshproxy._native_tls is not built or does not load ({exc}); "
+            "install meshproxy with pip to compile it"
+        ) from None
+    if _native_tls.ENGINE_API < 1:
+        raise NativeUnavailable(
+            f"meshproxy._native_tls has no relay engine (ENGINE_API {_native_tls.ENGINE_API})"
+        )
+    return _native_tls
+
+
+@contextlib.contextmanager
+def _translate(what: str) -> Iterator[None]:
+    """The one place where native failures become meshproxy errors."""
+    native = load()
+    try:
+        yield
+    except native.NativeError as exc:
+        message = str(exc)
+        error: MeshError
+        if what == "context":
+            error = PKIError(f"TLS context: {message}")
+        elif what == "engine":
+            error = NativeUnavailable(f"the native TLS engine cannot start: {message}")
+        else:
+            error = ConnectError(f"native TLS engine: {message}")
+        raise error from None
+
+
+# -- contexts -------------------------------------------------------------------------------
+def native_server_context(identity: TLSIdentity, *, client_auth: bool) -> Context:
+    """A listener's context: mTLS against the intermediate, or server-auth only (public)."""
+    return _context(identity, server=True, verify_peer=client_auth, alpn=())
+
+
+def native_client_context(identity: TLSIdentity, *, alpn: Sequence[str] = ()) -> Context:
+    """An outbound context; ``pki.check_peer`` checks the identity after the handshake."""
+    if any(p.lower().startswith("istio") for p in alpn):
+        raise ValueError("istio ALPN values must never be offered")
+    return _context(identity, server=False, verify_peer=True, alpn=alpn)
+
+
+def _context(
+    identity: TLSIdentity, *, server: bool, verify_peer: bool, alpn: Sequence[str]
+) -> Context:
+    native = load()
+    key = bytearray(identity.key_pem.reveal())  # a private copy, wiped by the constructor
+    try:
+        with _translate("context"):
+            ctx: Context = native.Context(
+                identity.chain_pem,
+                key,
+                identity.trust_pem,
+                server=server,
+                verify_peer=verify_peer,
+                alpn=tuple(alpn),
+            )
+    finally:
+        key[:] = bytes(len(key))  # already wiped in C; again in case the call failed early
+    return ctx
+
+
+# -- sessions and the engine ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Handshake:
+    """What a completed handshake proved and negotiated."""
+
+    peer_cert: bytes | None  # the peer's leaf (DER), None for an anonymous client
+    alpn: str | None
+    version: str
+    cipher: str
+
+
+@dataclass(frozen=True)
+class Closed:
+    """How a connection ended: plaintext bytes each way, and why (None: EOF both ways)."""
+
+    tls_to_app: int
+    app_to_tls: int
+    reason: str | None
+
+
+class NativeSession:
+    """One connection owned by the engine, seen from asyncio."""
+
+    def __init__(self, engine: NativeEngine, conn_id: int, remote: str) -> None:
+        loop = asyncio.get_running_loop()
+        self.conn_id = conn_id
+        self.remote = remote
+        self._engine = engine
+        self._handshake: asyncio.Future[Handshake] = loop.create_future()
+        self._closed: asyncio.Future[Closed] = loop.create_future()
+
+    async def handshake(self, timeout: float) -> Handshake:
+        """The handshake's result; ``ConnectError`` (the reason) when it failed."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._handshake), timeout)
+        except TimeoutError:
+            self.close("TLS handshake timed out")
+            raise ConnectError(f"TLS handshake with {self.remote} timed out") from None
+
+    def relay(self, app: socket.socket) -> None:
+        """Relay to the app's (connected) Unix socket; the engine takes the socket over."""
+        if self._closed.done():
+            app.close()  # ended meanwhile (for instance a shutdown)
+            return
+        try:
+            with _translate("relay"):
+                self._engine.native.relay(self.conn_id, app.fileno())
+        except MeshError:
+            app.close()
+            raise
+        app.detach()
+
+    def close(self, reason: str) -> None:
+        """End the connection (idempotent); its closed future resolves with ``reason``."""
+        if not self._closed.done():
+            self._engine.close(self.conn_id, reason)
+
+    async def wait_closed(self) -> Closed:
+        return await asyncio.shield(self._closed)
+
+    # -- called by the engine's event dispatch ---------------------------------------------
+    def _handshook(self, result: Handshake) -> None:
+        if not self._handshake.done():
+            self._handshake.set_result(result)
+
+    def _ended(self, result: Closed, *, handshake_failed: bool) -> None:
+        if not self._handshake.done():
+            why = result.reason or ("handshake failed" if handshake_failed else "closed")
+            self._handshake.set_exception(ConnectError(why))
+            self._handshake.exception()  # retrieved: nobody may be waiting for it
+        if not self._closed.done():
+            self._closed.set_result(result)
+
+
+class NativeEngine:
+    """The C engine's worker threads, bound to the running event loop."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        native = load()
+        with _translate("engine"):
+            self.native: Engine = native.Engine(
+                threads or 0, buffer_size=BUFFER_SIZE, read_buffer_size=READ_BUFFER_SIZE
+            )
+        self._kinds = (native.HANDSHAKE, native.HANDSHAKE_FAILED, native.CLOSED)
+        self._loop = asyncio.get_running_loop()
+        self._sessions: dict[int, NativeSession] = {}
+        self._closing = False
+        self._loop.add_reader(self.native.fileno(), self._dispatch)
+
+    @property
+    def threads(self) -> int:
+        return self.native.threads
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def stats(self) -> dict[str, int]:
+        """Counters for metrics: handshakes, active connections, bytes, buffer memory."""
+        return self.native.stats()
+
+    def handshake(
+        self, sock: socket.socket, ctx: Context, *, server_side: bool, sni: str | None = None
+    ) -> NativeSession:
+        """Hand a connected TCP socket to a worker; the handshake starts at once."""
+        if self._closing:
+            sock.close()
+            raise ConnectError("native TLS engine is shutting down")
+        remote = format_peer(sock)
+        try:
+            with _translate("handshake"):
+                conn_id = self.native.handshake(sock.fileno(), ctx, server_side, sni)
+        except MeshError:
+            sock.close()
+            raise
+        sock.detach()
+        session = NativeSession(self, conn_id, remote)
+        self._sessions[conn_id] = session
+        return session
+
+    def close(self, conn_id: int, reason: str) -> None:
+        if self._closing:
+            return  # shutting down: every session ends anyway
+        with _translate("close"):
+            self.native.close(conn_id, reason)
+
+    async def aclose(self) -> None:
+        """End every connection, stop the workers, and resolve every session."""
+        if self._closing:
+            return
+        self._closing = True
+        self._loop.remove_reader(self.native.fileno())
+        await asyncio.to_thread(self.native.shutdown)  # joins the threads
+        self._dispatch()
+        for session in list(self._sessions.values()):
+            session._ended(Closed(0, 0, "engine stopped"), handshake_failed=False)
+        self._sessions.clear()
+
+    def _dispatch(self) -> None:
+        handshake, failed, _ = self._kinds
+        for event in self.native.events():
+            session = self._sessions.get(event.conn_id)
+            if session is None:
+                continue
+            if event.kind == handshake:
+                session._handshook(_handshake_of(event))
+            else:
+                del self._sessions[event.conn_id]
+                closed = Closed(event.tls_to_app, event.app_to_tls, event.reason)
+                session._ended(closed, handshake_failed=event.kind == failed)
+
+
+def _handshake_of(event: Event) -> Handshake:
+    return Handshake(event.peer_cert, event.alpn, event.version or "?", event.cipher or "?")
+
+
+def format_peer(sock: socket.socket) -> str:
+    """``host:port`` of a TCP socket's peer, for log lines."""
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return "?"
+    host, port = peer[0], peer[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

@@ -1,0 +1,1439 @@
+/*
+ * The relay engine: N worker threads, each with its own epoll set, owning TLS sessions.
+ *
+ * Theory of operation. A connection belongs to one worker (conn_id % threads) for its
+ * whole life; only that worker touches its SSL object, fds and buffers, so there are no
+ * locks on the data path. The Python thread talks to a worker through a command queue
+ * (mutex + eventfd) and hears back through the engine's event queue (mutex + eventfd).
+ *
+ * A connection moves HANDSHAKE -> WAIT -> RELAY -> DEAD (or HANDSHAKE -> DEAD, or WAIT ->
+ * DEAD when the caller refuses the peer). In RELAY, pump() moves bytes until nothing moves:
+ *   tls -> to_app -> app   (SSL_read into a bounded buffer; send to the app)
+ *   app -> to_tls -> tls   (recv from the app into a bounded buffer; SSL_write)
+ * then derives the epoll interest of both fds from what blocked it: a full buffer drops
+ * EPOLLIN on the side that fills it (back-pressure), a blocked write asks for EPOLLOUT.
+ * An fd with no interest is removed from the epoll set, so a hung-up peer cannot spin us.
+ * EOF is a half-close: the peer's close_notify becomes shutdown(SHUT_WR) on the app
+ * socket; the app's EOF becomes our close_notify (then FIN) while we keep reading. The
+ * connection ends when both directions ended, or at the first error of either side.
+ *
+ * TLS bytes go through a small custom BIO: recv() for reads (OpenSSL reads ahead into
+ * its own buffer), and for writes an optional coalescing buffer so that several records
+ * leave in one send(). Buffers come from a per-worker pool and are held by a connection
+ * only while they hold bytes, so idle connections cost no buffer memory.
+ */
+#define _GNU_SOURCE
+#include "engine.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <openssl/err.h>
+#include <openssl/x509.h>
+
+#define MAX_THREADS 64
+#define EPOLL_BATCH 128
+#define PUMP_ROUNDS 16 /* then yield to other connections; the rest runs from the ready list */
+#define POOL_BUFFERS 32
+#define CMD_TEXT 256
+
+/* -- types ------------------------------------------------------------------------------- */
+typedef struct {
+    char *data;
+    size_t start, end;
+} buf_t;
+
+enum { CMD_HANDSHAKE = 1, CMD_RELAY, CMD_CLOSE };
+
+typedef struct cmd {
+    struct cmd *next;
+    int op;
+    uint64_t conn_id;
+    int fd;
+    SSL_CTX *ctx;
+    int server_side;
+    mp_event *final;
+    char text[CMD_TEXT]; /* SNI or close reason */
+} cmd_t;
+
+enum { ST_HANDSHAKE, ST_WAIT, ST_RELAY, ST_DEAD };
+
+struct conn;
+typedef struct {
+    struct conn *conn;
+    int app;
+} endpoint_t;
+
+typedef struct conn {
+    uint64_t id;
+    struct conn *hnext; /* hash chain */
+    struct conn *rnext; /* ready list */
+    struct conn *dnext; /* dead list */
+    struct worker *w;
+    int state;
+    int tcp_fd, app_fd;
+    uint32_t tcp_ev, app_ev; /* interest registered in epoll; 0 = not in the set */
+    endpoint_t ep_tcp, ep_app;
+    SSL *ssl;
+    buf_t to_app, to_tls, out;
+    int hs_want, rd_want, wr_want, sd_want; /* SSL_ERROR_WANT_* that stopped each op */
+    unsigned tls_eof : 1, app_eof : 1, app_shut : 1, notify_sent : 1, tcp_shut : 1,
+        tcp_rd_eof : 1, handshake_posted : 1, on_ready : 1;
+    int io_errno; /* errno of the failed socket call behind an SSL error */
+    uint64_t tls_to_app, app_to_tls;
+    mp_event *final; /* preallocated by the caller: the last event can always be posted */
+} conn_t;
+
+typedef struct worker {
+    struct mp_engine *eng;
+    int epfd, cmd_fd;
+    int mu_ready, started;
+    pthread_t thread;
+    pthread_mutex_t mu; /* guards cmd_head/cmd_tail/stopping */
+    cmd_t *cmd_head, *cmd_tail;
+    int stopping;
+    size_t bufsize;
+    int coalesce;
+    conn_t **table;
+    size_t table_cap, count;
+    conn_t *ready, *dead;
+    char *pool[POOL_BUFFERS];
+    int pooled;
+    /* written by this worker only, read by anyone */
+    _Atomic uint64_t active, handshakes, failures, closed, t2a, a2t, buffer_bytes;
+} worker_t;
+
+struct mp_engine {
+    mp_engine_config cfg;
+    int nworkers;
+    worker_t *workers;
+    _Atomic uint64_t next_id;
+    int ev_fd;
+    int ev_mu_ready;
+    pthread_mutex_t ev_mu; /* guards ev_head/ev_tail */
+    mp_event *ev_head, *ev_tail;
+    int stopped;
+};
+
+static BIO_METHOD *tio_method;
+
+static void pump(conn_t *c);
+static void conn_end(conn_t *c, const char *reason);
+
+#define ADD(counter, n) atomic_fetch_add_explicit(&(counter), (n), memory_order_relaxed)
+#define SUB(counter, n) atomic_fetch_sub_explicit(&(counter), (n), memory_order_relaxed)
+#define GET(counter) atomic_load_explicit(&(counter), memory_order_relaxed)
+
+/* -- small helpers ----------------------------------------------------------------------- */
+static void
+close_fd(int *fd)
+{
+    if (*fd >= 0) {
+        close(*fd); /* Linux: the fd is released even when close reports EINTR */
+        *fd = -1;
+    }
+}
+
+static void
+wake(int fd)
+{
+    uint64_t one = 1;
+    ssize_t r = write(fd, &one, sizeof one);
+    (void)r; /* EAGAIN: the counter is already non-zero, the reader wakes anyway */
+}
+
+static void
+drain_eventfd(int fd)
+{
+    uint64_t v;
+    ssize_t r = read(fd, &v, sizeof v);
+    (void)r;
+}
+
+static void
+errno_text(int err, const char *side, char *out, size_t n)
+{
+    char tmp[128];
+    const char *s = strerror_r(err, tmp, sizeof tmp);
+    char first = (s[0] >= 'A' && s[0] <= 'Z') ? (char)(s[0] - 'A' + 'a') : s[0];
+    snprintf(out, n, "%s%s%c%s", side ? side : "", side ? ": " : "", first, s[0] ? s + 1 : "");
+}
+
+static int
+set_nonblocking(int fd)
+{
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0) {
+        return -1;
+    }
+    return (flags & O_NONBLOCK) ? 0 : fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+}
+
+/* -- buffers ----------------------------------------------------------------------------- */
+static int
+buf_get(worker_t *w, buf_t *b)
+{
+    if (w->pooled > 0) {
+        b->data = w->pool[--w->pooled];
+    } else {
+        b->data = malloc(w->bufsize);
+        if (b->data == NULL) {
+            return -1;
+        }
+        ADD(w->buffer_bytes, w->bufsize);
+    }
+    b->start = b->end = 0;
+    return 0;
+}
+
+static void
+buf_put(worker_t *w, buf_t *b)
+{
+    if (b->data == NULL) {
+        return;
+    }
+    if (w->pooled < POOL_BUFFERS) {
+        w->pool[w->pooled++] = b->data;
+    } else {
+        free(b->data);
+        SUB(w->buffer_bytes, w->bufsize);
+    }
+    b->data = NULL;
+    b->start = b->end = 0;
+}
+
+static inline size_t
+buf_len(const buf_t *b)
+{
+    return b->data ? b->end - b->start : 0;
+}
+
+/* Room at the end, moving pending bytes to the front when the end is reached. */
+static size_t
+buf_room(worker_t *w, buf_t *b)
+{
+    if (b->start == b->end) {
+        b->start = b->end = 0;
+    } else if (b->end == w->bufsize && b->start > 0) {
+        memmove(b->data, b->data + b->start, b->end - b->start);
+        b->end -= b->start;
+        b->start = 0;
+    }
+    return w->bufsize - b->end;
+}
+
+static inline int
+buf_has_room(const worker_t *w, const buf_t *b)
+{
+    return b->data == NULL || b->end < w->bufsize || b->start > 0;
+}
+
+/* -- the TCP BIO --------------------------------------------------------------------------- */
+/* Send the coalesced records. 1: all sent, 0: blocked with bytes left, -1: error. */
+static int
+flush_out(conn_t *c, int *progress)
+{
+    buf_t *o = &c->out;
+    while (buf_len(o) > 0) {
+        ssize_t n = send(c->tcp_fd, o->data + o->start, o->end - o->start, MSG_NOSIGNAL);
+        if (n > 0) {
+            o->start += (size_t)n;
+            if (progress) {
+                *progress = 1;
+            }
+            continue;
+        }
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            return 0;
+        }
+        c->io_errno = n < 0 ? errno : EIO;
+        return -1;
+    }
+    if (o->data) {
+        o->start = o->end = 0;
+    }
+    return 1;
+}
+
+static int
+tio_write(BIO *b, const char *data, int len)
+{
+    conn_t *c = BIO_get_data(b);
+    worker_t *w = c->w;
+    BIO_clear_retry_flags(b);
+    if (len <= 0) {
+        return 0;
+    }
+    if (c->io_errno) {
+        return -1;
+    }
+    if (!w->coalesce) {
+        ssize_t n = send(c->tcp_fd, data, (size_t)len, MSG_NOSIGNAL);
+        if (n >= 0) {
+            return (int)n;
+        }
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) {
+            BIO_set_retry_write(b);
+        } else {
+            c->io_errno = errno;
+        }
+        return -1;
+    }
+    buf_t *o = &c->out;
+    if (o->data == NULL && buf_get(w, o) < 0) {
+        c->io_errno = ENOMEM;
+        return -1;
+    }
+    size_t room = buf_room(w, o);
+    if (room < (size_t)len) {
+        if (flush_out(c, NULL) < 0) {
+            return -1;
+        }
+        room = buf_room(w, o);
+    }
+    if (room == 0) {
+        BIO_set_retry_write(b);
+        return -1;
+    }
+    size_t n = room < (size_t)len ? room : (size_t)len; /* OpenSSL resumes partial writes */
+    memcpy(o->data + o->end, data, n);
+    o->end += n;
+    return (int)n;
+}
+
+static int
+tio_read(BIO *b, char *data, int len)
+{
+    conn_t *c = BIO_get_data(b);
+    BIO_clear_retry_flags(b);
+    if (len <= 0) {
+        return 0;
+    }
+    for (;;) {
+        ssize_t n = recv(c->tcp_fd, data, (size_t)len, 0);
+        if (n > 0) {
+            return (int)n;
+        }
+        if (n == 0) {
+            c->tcp_rd_eof = 1;
+            return 0;
+        }
+        if (errno == EINTR) {
+            continue;
+        }
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            BIO_set_retry_read(b);
+        } else {
+            c->io_errno = errno;
+        }
+        return -1;
+    }
+}
+
+static long
+tio_ctrl(BIO *b, int cmd, long num, void *ptr)
+{
+    (void)num, (void)ptr;
+    conn_t *c = BIO_get_data(b);
+    switch (cmd) {
+    case BIO_CTRL_FLUSH: {
+        BIO_clear_retry_flags(b);
+        int r = flush_out(c, NULL);
+        if (r == 0) {
+            BIO_set_retry_write(b);
+        }
+        return r > 0 ? 1 : -1;
+    }
+    case BIO_CTRL_WPENDING:
+        return (long)buf_len(&c->out);
+    case BIO_CTRL_EOF:
+        return c->tcp_rd_eof;
+    case BIO_CTRL_DUP:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+static int
+tio_create(BIO *b)
+{
+    BIO_set_init(b, 1);
+    return 1;
+}
+
+static int
+tio_destroy(BIO *b)
+{
+    (void)b; /* the connection owns the fd */
+    return 1;
+}
+
+int
+mp_engine_global_init(void)
+{
+    if (tio_method != NULL) {
+        return 0;
+    }
+    int type = BIO_get_new_index();
+    if (type == -1) {
+        return -1;
+    }
+    BIO_METHOD *m = BIO_meth_new(type | BIO_TYPE_SOURCE_SINK, "meshproxy tcp");
+    if (m == NULL || BIO_meth_set_write(m, tio_write) != 1 || BIO_meth_set_read(m, tio_read) != 1 ||
+        BIO_meth_set_ctrl(m, tio_ctrl) != 1 || BIO_meth_set_create(m, tio_create) != 1 ||
+        BIO_meth_set_destroy(m, tio_destroy) != 1) {
+        BIO_meth_free(m);
+        return -1;
+    }
+    tio_method = m;
+    return 0;
+}
+
+/* -- the connection table of a worker ------------------------------------------------------ */
+static inline size_t
+slot(const worker_t *w, uint64_t id)
+{
+    return (size_t)((id * 0x9E3779B97F4A7C15ULL) >> 32) & (w->table_cap - 1);
+}
+
+static conn_t *
+conn_find(worker_t *w, uint64_t id)
+{
+    for (conn_t *c = w->table[slot(w, id)]; c; c = c->hnext) {
+        if (c->id == id) {
+            return c;
+        }
+    }
+    return NULL;
+}
+
+static void
+conn_insert(worker_t *w, conn_t *c)
+{
+    if (w->count >= w->table_cap) { /* grow; on allocation failure chains just get longer */
+        size_t cap = w->table_cap * 2;
+        conn_t **table = calloc(cap, sizeof *table);
+        if (table != NULL) {
+            conn_t **old = w->table;
+            size_t old_cap = w->table_cap;
+            w->table = table;
+            w->table_cap = cap;
+            for (size_t i = 0; i < old_cap; i++) {
+                for (conn_t *x = old[i], *next; x; x = next) {
+                    next = x->hnext;
+                    size_t s = slot(w, x->id);
+                    x->hnext = table[s];
+                    table[s] = x;
+                }
+            }
+            free(old);
+        }
+    }
+    size_t s = slot(w, c->id);
+    c->hnext = w->table[s];
+    w->table[s] = c;
+    w->count++;
+}
+
+static void
+conn_remove(worker_t *w, conn_t *c)
+{
+    for (conn_t **p = &w->table[slot(w, c->id)]; *p; p = &(*p)->hnext) {
+        if (*p == c) {
+            *p = c->hnext;
+            w->count--;
+            return;
+        }
+    }
+}
+
+/* -- events to Python ----------------------------------------------------------------------- */
+static void
+post(mp_engine *e, mp_event *ev)
+{
+    ev->next = NULL;
+    pthread_mutex_lock(&e->ev_mu);
+    int was_empty = e->ev_head == NULL;
+    if (e->ev_tail) {
+        e->ev_tail->next = ev;
+    } else {
+        e->ev_head = ev;
+    }
+    e->ev_tail = ev;
+    pthread_mutex_unlock(&e->ev_mu);
+    if (was_empty) {
+        wake(e->ev_fd);
+    }
+}
+
+void
+mp_event_free(mp_event *ev)
+{
+    if (ev != NULL) {
+        free(ev->peer_der);
+        free(ev);
+    }
+}
+
+static int
+post_handshake(conn_t *c)
+{
+    mp_event *ev = calloc(1, sizeof *ev);
+    if (ev == NULL) {
+        return -1;
+    }
+    ev->conn_id = c->id;
+    ev->kind = MP_EV_HANDSHAKE;
+    X509 *peer = SSL_get0_peer_certificate(c->ssl);
+    if (peer != NULL) {
+        int n = i2d_X509(peer, NULL);
+        if (n <= 0 || (ev->peer_der = malloc((size_t)n)) == NULL) {
+            free(ev);
+            return -1;
+        }
+        unsigned char *p = ev->peer_der;
+        ev->peer_der_len = (size_t)i2d_X509(peer, &p);
+    }
+    const unsigned char *alpn = NULL;
+    unsigned int alpn_len = 0;
+    SSL_get0_alpn_selected(c->ssl, &alpn, &alpn_len);
+    if (alpn != NULL && alpn_len > 0 && alpn_len < sizeof ev->alpn) {
+        memcpy(ev->alpn, alpn, alpn_len);
+        ev->alpn[alpn_len] = '\0';
+    }
+    ev->version = SSL_get_version(c->ssl);
+    const SSL_CIPHER *cipher = SSL_get_current_cipher(c->ssl);
+    ev->cipher = cipher ? SSL_CIPHER_get_name(cipher) : NULL;
+    post(c->w->eng, ev);
+    c->handshake_posted = 1;
+    ADD(c->w->handshakes, 1);
+    return 0;
+}
+
+/* -- epoll interest ------------------------------------------------------------------------- */
+static int
+set_interest(conn_t *c, int app, uint32_t want)
+{
+    uint32_t *cur = app ? &c->app_ev : &c->tcp_ev;
+    int fd = app ? c->app_fd : c->tcp_fd;
+    if (fd < 0 || want == *cur) {
+        return 0;
+    }
+    struct epoll_event ev = {.events = want, .data.ptr = app ? &c->ep_app : &c->ep_tcp};
+    int op = *cur == 0 ? EPOLL_CTL_ADD : (want == 0 ? EPOLL_CTL_DEL : EPOLL_CTL_MOD);
+    if (epoll_ctl(c->w->epfd, op, fd, &ev) < 0) {
+        return -1;
+    }
+    *cur = want;
+    return 0;
+}
+
+static void
+update_interest(conn_t *c)
+{
+    worker_t *w = c->w;
+    uint32_t tcp = 0, app = 0;
+    if (buf_len(&c->out) > 0) {
+        tcp |= EPOLLOUT;
+    }
+    if (c->state == ST_HANDSHAKE) {
+        tcp |= c->hs_want == SSL_ERROR_WANT_READ ? EPOLLIN : EPOLLOUT;
+    } else if (c->state == ST_RELAY) {
+        if (!c->tls_eof && buf_has_room(w, &c->to_app)) {
+            tcp |= c->rd_want == SSL_ERROR_WANT_WRITE ? EPOLLOUT : EPOLLIN;
+        }
+        if (buf_len(&c->to_tls) > 0 && !c->notify_sent) {
+            tcp |= c->wr_want == SSL_ERROR_WANT_READ ? EPOLLIN : EPOLLOUT;
+        }
+        if (c->sd_want) {
+            tcp |= c->sd_want == SSL_ERROR_WANT_READ ? EPOLLIN : EPOLLOUT;
+        }
+        if (!c->app_eof && buf_has_room(w, &c->to_tls)) {
+            app |= EPOLLIN;
+        }
+        if (buf_len(&c->to_app) > 0) {
+            app |= EPOLLOUT;
+        }
+    }
+    if (set_interest(c, 0, tcp) < 0 || set_interest(c, 1, app) < 0) {
+        char reason[MP_REASON_MAX];
+        errno_text(errno, "epoll_ctl", reason, sizeof reason);
+        conn_end(c, reason);
+    }
+}
+
+/* Idle connections hold no buffers. */
+static void
+tidy(conn_t *c)
+{
+    if (c->to_app.data && buf_len(&c->to_app) == 0) {
+        buf_put(c->w, &c->to_app);
+    }
+    if (c->to_tls.data && buf_len(&c->to_tls) == 0) {
+        buf_put(c->w, &c->to_tls);
+    }
+    if (c->out.data && buf_len(&c->out) == 0) {
+        buf_put(c->w, &c->out);
+    }
+}
+
+/* -- ending a connection -------------------------------------------------------------------- */
+static void
+eof_text(const conn_t *c, char *out, size_t n)
+{
+    snprintf(out, n, "%s", c->handshake_posted || c->state != ST_HANDSHAKE
+                               ? "peer closed TCP without TLS close_notify"
+                               : "peer closed the connection during the TLS handshake");
+}
+
+/* Why an SSL call failed, in the words of the Python backend (tls.describe_error). */
+static void
+ssl_failure_text(conn_t *c, int ssl_error, char *out, size_t n)
+{
+    unsigned long code = ERR_peek_last_error();
+    int ssl_lib = ERR_GET_LIB(code) == ERR_LIB_SSL;
+    if (c->io_errno) {
+        errno_text(c->io_errno, NULL, out, n);
+    } else if (ssl_error == SSL_ERROR_SSL && ssl_lib &&
+               ERR_GET_REASON(code) == SSL_R_CERTIFICATE_VERIFY_FAILED) {
+        long result = SSL_get_verify_result(c->ssl);
+        snprintf(out, n, "certificate verify failed: %s", X509_verify_cert_error_string(result));
+    } else if (ssl_error == SSL_ERROR_SSL && ssl_lib &&
+               ERR_GET_REASON(code) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
+        eof_text(c, out, n);
+    } else if (ssl_error == SSL_ERROR_SSL && code != 0) {
+        const char *reason = ERR_reason_error_string(code);
+        snprintf(out, n, "%s", reason ? reason : "TLS protocol error");
+    } else if (c->tcp_rd_eof || ssl_error == SSL_ERROR_SYSCALL) {
+        eof_text(c, out, n);
+    } else {
+        snprintf(out, n, "TLS error %d", ssl_error);
+    }
+    ERR_clear_error();
+}
+
+static int
+fail_ssl(conn_t *c, int ssl_error)
+{
+    char reason[MP_REASON_MAX];
+    ssl_failure_text(c, ssl_error, reason, sizeof reason);
+    conn_end(c, reason);
+    return -1;
+}
+
+static int
+fail_errno(conn_t *c, const char *side, int err)
+{
+    char reason[MP_REASON_MAX];
+    errno_text(err, side, reason, sizeof reason);
+    conn_end(c, reason);
+    return -1;
+}
+
+/* A Unix socket closed with unread bytes resets its peer (ECONNRESET on the app's next
+ * read) instead of giving it EOF. Those bytes cannot be delivered any more: read and drop
+ * a bounded amount so that the app sees the end of the connection, as on the Python
+ * backend (whose transport has always read them already). */
+static void
+discard_unread(conn_t *c)
+{
+    char sink[16384];
+    for (int i = 0; i < 16; i++) {
+        if (recv(c->app_fd, sink, sizeof sink, MSG_DONTWAIT) <= 0) {
+            return;
+        }
+    }
+}
+
+/* Close both fds and post the final event now; free memory after the epoll batch. */
+static void
+conn_end(conn_t *c, const char *reason)
+{
+    if (c->state == ST_DEAD) {
+        return;
+    }
+    worker_t *w = c->w;
+    if (c->tcp_ev) {
+        epoll_ctl(w->epfd, EPOLL_CTL_DEL, c->tcp_fd, NULL);
+    }
+    if (c->app_ev) {
+        epoll_ctl(w->epfd, EPOLL_CTL_DEL, c->app_fd, NULL);
+    }
+    c->tcp_ev = c->app_ev = 0;
+    if (reason[0] && c->app_fd >= 0) {
+        discard_unread(c);
+    }
+    close_fd(&c->tcp_fd);
+    close_fd(&c->app_fd);
+    mp_event *ev = c->final;
+    c->final = NULL;
+    ev->conn_id = c->id;
+    ev->kind = c->handshake_posted ? MP_EV_CLOSED : MP_EV_HANDSHAKE_FAILED;
+    snprintf(ev->reason, sizeof ev->reason, "%s", reason);
+    ev->tls_to_app = c->tls_to_app;
+    ev->app_to_tls = c->app_to_tls;
+    post(w->eng, ev);
+    if (c->handshake_posted) {
+        ADD(w->closed, 1);
+    } else {
+        ADD(w->failures, 1);
+    }
+    SUB(w->active, 1);
+    conn_remove(w, c);
+    c->state = ST_DEAD;
+    c->dnext = w->dead;
+    w->dead = c;
+}
+
+static void
+reap(worker_t *w)
+{
+    while (w->dead) {
+        conn_t *c = w->dead;
+        w->dead = c->dnext;
+        SSL_free(c->ssl); /* frees the BIO, which does not own the fd */
+        buf_put(w, &c->to_app);
+        buf_put(w, &c->to_tls);
+        buf_put(w, &c->out);
+        free(c);
+    }
+}
+
+/* -- handshake ------------------------------------------------------------------------------ */
+static void
+handshake_step(conn_t *c)
+{
+    ERR_clear_error();
+    int r = SSL_do_handshake(c->ssl);
+    if (r == 1) {
+        if (flush_out(c, NULL) < 0) {
+            fail_errno(c, NULL, c->io_errno);
+            return;
+        }
+        c->state = ST_WAIT; /* the caller checks the peer, then relays or closes */
+        if (post_handshake(c) < 0) {
+            conn_end(c, "out of memory");
+            return;
+        }
+        tidy(c);
+        update_interest(c);
+        return;
+    }
+    int e = SSL_get_error(c->ssl, r);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+        c->hs_want = e;
+        if (flush_out(c, NULL) < 0) {
+            fail_errno(c, NULL, c->io_errno);
+            return;
+        }
+        tidy(c);
+        update_interest(c);
+        return;
+    }
+    char reason[MP_REASON_MAX];
+    ssl_failure_text(c, e, reason, sizeof reason);
+    (void)flush_out(c, NULL); /* best effort: the alert tells the peer why */
+    conn_end(c, reason);
+}
+
+static void
+start_handshake(worker_t *w, cmd_t *cmd)
+{
+    conn_t *c = calloc(1, sizeof *c);
+    if (c == NULL) {
+        mp_event *ev = cmd->final;
+        cmd->final = NULL;
+        ev->conn_id = cmd->conn_id;
+        ev->kind = MP_EV_HANDSHAKE_FAILED;
+        snprintf(ev->reason, sizeof ev->reason, "out of memory");
+        close_fd(&cmd->fd);
+        post(w->eng, ev);
+        ADD(w->failures, 1);
+        return;
+    }
+    c->id = cmd->conn_id;
+    c->w = w;
+    c->state = ST_HANDSHAKE;
+    c->tcp_fd = cmd->fd;
+    cmd->fd = -1;
+    c->app_fd = -1;
+    c->ep_tcp.conn = c->ep_app.conn = c;
+    c->ep_app.app = 1;
+    c->final = cmd->final;
+    cmd->final = NULL;
+    conn_insert(w, c);
+    ADD(w->active, 1);
+    int one = 1;
+    (void)setsockopt(c->tcp_fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one); /* as uvloop */
+    if (set_nonblocking(c->tcp_fd) < 0) {
+        fail_errno(c, NULL, errno);
+        return;
+    }
+    ERR_clear_error();
+    c->ssl = SSL_new(cmd->ctx);
+    BIO *bio = c->ssl ? BIO_new(tio_method) : NULL;
+    if (bio == NULL) {
+        conn_end(c, "out of memory");
+        return;
+    }
+    BIO_set_data(bio, c);
+    SSL_set_bio(c->ssl, bio, bio);
+    if (w->eng->cfg.release_buffers) {
+        SSL_set_mode(c->ssl, SSL_MODE_RELEASE_BUFFERS);
+    }
+    SSL_set_read_ahead(c->ssl, 1);
+    SSL_set_default_read_buffer_len(c->ssl, w->eng->cfg.read_buffer_size);
+    if (cmd->server_side) {
+        SSL_set_accept_state(c->ssl);
+    } else {
+        SSL_set_connect_state(c->ssl);
+        if (cmd->text[0] && SSL_set_tlsext_host_name(c->ssl, cmd->text) != 1) {
+            conn_end(c, "SNI rejected");
+            return;
+        }
+    }
+    handshake_step(c); /* a client's ClientHello leaves now: meshes sniff the first bytes */
+}
+
+/* -- relay ---------------------------------------------------------------------------------- */
+static int
+tls_to_buffer(conn_t *c, int *progress)
+{
+    buf_t *b = &c->to_app;
+    while (!c->tls_eof) {
+        if (b->data == NULL && buf_get(c->w, b) < 0) {
+            conn_end(c, "out of memory");
+            return -1;
+        }
+        size_t room = buf_room(c->w, b);
+        if (room == 0) {
+            break; /* back-pressure: the app is slower than the peer */
+        }
+        ERR_clear_error();
+        int n = SSL_read(c->ssl, b->data + b->end, (int)room);
+        if (n > 0) {
+            b->end += (size_t)n;
+            c->rd_want = 0;
+            *progress = 1;
+            continue;
+        }
+        int e = SSL_get_error(c->ssl, n);
+        if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+            c->rd_want = e;
+            break;
+        }
+        if (e == SSL_ERROR_ZERO_RETURN) { /* close_notify: a half-close, not the end */
+            c->tls_eof = 1;
+            *progress = 1;
+            break;
+        }
+        return fail_ssl(c, e);
+    }
+    return 0;
+}
+
+static int
+buffer_to_app(conn_t *c, int *progress)
+{
+    buf_t *b = &c->to_app;
+    while (buf_len(b) > 0) {
+        ssize_t n = send(c->app_fd, b->data + b->start, b->end - b->start, MSG_NOSIGNAL);
+        if (n > 0) {
+            b->start += (size_t)n;
+            c->tls_to_app += (uint64_t)n;
+            ADD(c->w->t2a, (uint64_t)n);
+            *progress = 1;
+            continue;
+        }
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            break;
+        }
+        return fail_errno(c, "app", n < 0 ? errno : EIO);
+    }
+    if (c->tls_eof && buf_len(b) == 0 && !c->app_shut) {
+        if (shutdown(c->app_fd, SHUT_WR) < 0 && errno != ENOTCONN) {
+            return fail_errno(c, "app", errno);
+        }
+        c->app_shut = 1;
+        *progress = 1;
+    }
+    return 0;
+}
+
+static int
+app_to_buffer(conn_t *c, int *progress)
+{
+    buf_t *b = &c->to_tls;
+    while (!c->app_eof) {
+        if (b->data == NULL && buf_get(c->w, b) < 0) {
+            conn_end(c, "out of memory");
+            return -1;
+        }
+        size_t room = buf_room(c->w, b);
+        if (room == 0) {
+            break; /* back-pressure: the peer is slower than the app */
+        }
+        ssize_t n = recv(c->app_fd, b->data + b->end, room, 0);
+        if (n > 0) {
+            b->end += (size_t)n;
+            *progress = 1;
+            continue;
+        }
+        if (n == 0) {
+            c->app_eof = 1;
+            *progress = 1;
+            break;
+        }
+        if (errno == EINTR) {
+            continue;
+        }
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            break;
+        }
+        return fail_errno(c, "app", errno);
+    }
+    return 0;
+}
+
+static int
+buffer_to_tls(conn_t *c, int *progress)
+{
+    buf_t *b = &c->to_tls;
+    if (flush_out(c, progress) < 0) {
+        return fail_errno(c, NULL, c->io_errno);
+    }
+    while (buf_len(b) > 0) {
+        ERR_clear_error();
+        int n = SSL_write(c->ssl, b->data + b->start, (int)(b->end - b->start));
+        if (n > 0) {
+            b->start += (size_t)n;
+            c->app_to_tls += (uint64_t)n;
+            ADD(c->w->a2t, (uint64_t)n);
+            c->wr_want = 0;
+            *progress = 1;
+            continue;
+        }
+        int e = SSL_get_error(c->ssl, n);
+        if (e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ) {
+            c->wr_want = e;
+            break;
+        }
+        return fail_ssl(c, e);
+    }
+    if (c->app_eof && buf_len(b) == 0 && !c->notify_sent) {
+        ERR_clear_error();
+        int r = SSL_shutdown(c->ssl); /* sends close_notify; the peer's comes through SSL_read */
+        if (r >= 0) {
+            c->notify_sent = 1;
+            c->sd_want = 0;
+            *progress = 1;
+        } else {
+            int e = SSL_get_error(c->ssl, r);
+            if (e != SSL_ERROR_WANT_WRITE && e != SSL_ERROR_WANT_READ) {
+                return fail_ssl(c, e);
+            }
+            c->sd_want = e;
+        }
+    }
+    int flushed = flush_out(c, progress);
+    if (flushed < 0) {
+        return fail_errno(c, NULL, c->io_errno);
+    }
+    if (c->notify_sent && flushed == 1 && !c->tcp_shut) {
+        if (shutdown(c->tcp_fd, SHUT_WR) < 0 && errno != ENOTCONN) {
+            return fail_errno(c, NULL, errno);
+        }
+        c->tcp_shut = 1;
+        *progress = 1;
+    }
+    return 0;
+}
+
+static void
+make_ready(conn_t *c)
+{
+    if (!c->on_ready) {
+        c->on_ready = 1;
+        c->rnext = c->w->ready;
+        c->w->ready = c;
+    }
+}
+
+static void
+pump(conn_t *c)
+{
+    int round;
+    for (round = 0; round < PUMP_ROUNDS; round++) {
+        int progress = 0;
+        if (tls_to_buffer(c, &progress) < 0 || buffer_to_app(c, &progress) < 0 ||
+            app_to_buffer(c, &progress) < 0 || buffer_to_tls(c, &progress) < 0) {
+            return; /* ended */
+        }
+        if (!progress) {
+            break;
+        }
+    }
+    if (c->app_shut && c->tcp_shut) {
+        conn_end(c, "");
+        return;
+    }
+    if (round == PUMP_ROUNDS) {
+        make_ready(c); /* more to do: after the other connections of this batch */
+    }
+    tidy(c);
+    update_interest(c);
+}
+
+static void
+start_relay(worker_t *w, cmd_t *cmd)
+{
+    conn_t *c = conn_find(w, cmd->conn_id);
+    if (c == NULL) {
+        close_fd(&cmd->fd); /* ended meanwhile; its final event is already posted */
+        return;
+    }
+    if (c->state != ST_WAIT) {
+        close_fd(&cmd->fd);
+        conn_end(c, "relay requested before the handshake completed");
+        return;
+    }
+    c->app_fd = cmd->fd;
+    cmd->fd = -1;
+    if (set_nonblocking(c->app_fd) < 0) {
+        fail_errno(c, "app", errno);
+        return;
+    }
+    c->state = ST_RELAY;
+    pump(c); /* bytes may already wait in OpenSSL's read-ahead buffer */
+}
+
+static void
+on_io(conn_t *c)
+{
+    switch (c->state) {
+    case ST_HANDSHAKE:
+        handshake_step(c);
+        break;
+    case ST_WAIT:
+        if (flush_out(c, NULL) < 0) {
+            fail_errno(c, NULL, c->io_errno);
+            return;
+        }
+        tidy(c);
+        update_interest(c);
+        break;
+    case ST_RELAY:
+        pump(c);
+        break;
+    default:
+        break;
+    }
+}
+
+/* -- the worker thread ---------------------------------------------------------------------- */
+static void
+dispose(worker_t *w, cmd_t *cmd)
+{
+    close_fd(&cmd->fd);
+    if (cmd->final != NULL) {
+        cmd->final->conn_id = cmd->conn_id;
+        cmd->final->kind = MP_EV_HANDSHAKE_FAILED;
+        snprintf(cmd->final->reason, sizeof cmd->final->reason, "engine stopped");
+        post(w->eng, cmd->final);
+        ADD(w->failures, 1);
+        cmd->final = NULL;
+    }
+    SSL_CTX_free(cmd->ctx);
+    free(cmd);
+}
+
+static cmd_t *
+take_commands(worker_t *w, int *stopping)
+{
+    drain_eventfd(w->cmd_fd); /* before taking: a later command writes it again */
+    pthread_mutex_lock(&w->mu);
+    cmd_t *list = w->cmd_head;
+    w->cmd_head = w->cmd_tail = NULL;
+    *stopping = w->stopping;
+    pthread_mutex_unlock(&w->mu);
+    return list;
+}
+
+static void
+run_commands(worker_t *w, cmd_t *list)
+{
+    while (list) {
+        cmd_t *cmd = list;
+        list = cmd->next;
+        conn_t *c;
+        switch (cmd->op) {
+        case CMD_HANDSHAKE:
+            start_handshake(w, cmd);
+            break;
+        case CMD_RELAY:
+            start_relay(w, cmd);
+            break;
+        case CMD_CLOSE:
+            if ((c = conn_find(w, cmd->conn_id)) != NULL) {
+                conn_end(c, cmd->text);
+            }
+            break;
+        default:
+            break;
+        }
+        dispose(w, cmd); /* whatever the command did not take over */
+    }
+}
+
+static void
+run_ready(worker_t *w)
+{
+    conn_t *list = w->ready;
+    w->ready = NULL;
+    while (list) {
+        conn_t *c = list;
+        list = c->rnext;
+        c->on_ready = 0;
+        if (c->state == ST_RELAY) {
+            pump(c);
+        }
+    }
+}
+
+static void
+worker_stop(worker_t *w)
+{
+    int stopping;
+    for (cmd_t *list = take_commands(w, &stopping); list;) {
+        cmd_t *cmd = list;
+        list = cmd->next;
+        dispose(w, cmd);
+    }
+    w->ready = NULL;
+    for (size_t i = 0; i < w->table_cap; i++) {
+        while (w->table[i]) {
+            conn_end(w->table[i], "engine stopped"); /* removes it from the chain */
+        }
+    }
+    reap(w);
+}
+
+static void *
+worker_main(void *arg)
+{
+    worker_t *w = arg;
+    struct epoll_event evs[EPOLL_BATCH];
+    int stopping = 0;
+    while (!stopping) {
+        int n = epoll_wait(w->epfd, evs, EPOLL_BATCH, w->ready ? 0 : -1);
+        if (n < 0) {
+            if (errno == EINTR) {
+                continue;
+            }
+            break; /* EBADF/EINVAL: a bug; stop rather than spin */
+        }
+        for (int i = 0; i < n; i++) {
+            endpoint_t *ep = evs[i].data.ptr;
+            if (ep == NULL) {
+                run_commands(w, take_commands(w, &stopping));
+            } else if (ep->conn->state != ST_DEAD) {
+                on_io(ep->conn);
+            }
+        }
+        run_ready(w);
+        reap(w);
+    }
+    worker_stop(w);
+    return NULL;
+}
+
+/* -- the engine (called from the Python thread) --------------------------------------------- */
+static int
+submit(mp_engine *e, cmd_t *cmd)
+{
+    worker_t *w = &e->workers[cmd->conn_id % (uint64_t)e->nworkers];
+    pthread_mutex_lock(&w->mu);
+    if (w->stopping) {
+        pthread_mutex_unlock(&w->mu);
+        return -1;
+    }
+    int was_empty = w->cmd_head == NULL;
+    cmd->next = NULL;
+    if (w->cmd_tail) {
+        w->cmd_tail->next = cmd;
+    } else {
+        w->cmd_head = cmd;
+    }
+    w->cmd_tail = cmd;
+    pthread_mutex_unlock(&w->mu);
+    if (was_empty) {
+        wake(w->cmd_fd);
+    }
+    return 0;
+}
+
+static int
+worker_init(mp_engine *e, worker_t *w)
+{
+    w->eng = e;
+    w->bufsize = e->cfg.buffer_size;
+    w->coalesce = e->cfg.coalesce_writes;
+    w->table_cap = 64;
+    w->table = calloc(w->table_cap, sizeof *w->table);
+    if (w->table == NULL || pthread_mutex_init(&w->mu, NULL) != 0) {
+        return -1;
+    }
+    w->mu_ready = 1;
+    w->epfd = epoll_create1(EPOLL_CLOEXEC);
+    w->cmd_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (w->epfd < 0 || w->cmd_fd < 0) {
+        return -1;
+    }
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+    return epoll_ctl(w->epfd, EPOLL_CTL_ADD, w->cmd_fd, &ev);
+}
+
+mp_engine *
+mp_engine_new(const mp_engine_config *cfg, char *err, size_t errlen)
+{
+    if (tio_method == NULL) {
+        snprintf(err, errlen, "module not initialised");
+        return NULL;
+    }
+    if (cfg->threads < 1 || cfg->threads > MAX_THREADS || cfg->buffer_size < 16384 ||
+        cfg->buffer_size > (64u << 20) || cfg->read_buffer_size > (64u << 20)) {
+        snprintf(err, errlen, "threads must be 1..%d, buffer_size 16 KiB..64 MiB", MAX_THREADS);
+        return NULL;
+    }
+    mp_engine *e = calloc(1, sizeof *e);
+    if (e == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    e->cfg = *cfg;
+    e->nworkers = cfg->threads;
+    atomic_init(&e->next_id, 1);
+    e->ev_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    e->workers = calloc((size_t)e->nworkers, sizeof *e->workers);
+    for (int i = 0; e->workers != NULL && i < e->nworkers; i++) {
+        e->workers[i].epfd = e->workers[i].cmd_fd = -1; /* not 0: that is stdin */
+    }
+    if (e->ev_fd < 0 || e->workers == NULL || pthread_mutex_init(&e->ev_mu, NULL) != 0) {
+        errno_text(errno ? errno : ENOMEM, "engine", err, errlen);
+        mp_engine_free(e);
+        return NULL;
+    }
+    e->ev_mu_ready = 1;
+    for (int i = 0; i < e->nworkers; i++) {
+        if (worker_init(e, &e->workers[i]) < 0) {
+            errno_text(errno ? errno : ENOMEM, "engine", err, errlen);
+            mp_engine_free(e);
+            return NULL;
+        }
+    }
+    /* Workers take no signals: they belong to Python's main thread. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    for (int i = 0; i < e->nworkers; i++) {
+        int rc = pthread_create(&e->workers[i].thread, NULL, worker_main, &e->workers[i]);
+        if (rc != 0) {
+            pthread_sigmask(SIG_SETMASK, &old, NULL);
+            errno_text(rc, "cannot start a worker thread", err, errlen);
+            mp_engine_free(e);
+            return NULL;
+        }
+        e->workers[i].started = 1;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return e;
+}
+
+int
+mp_engine_fileno(const mp_engine *e)
+{
+    return e->ev_fd;
+}
+
+int
+mp_engine_threads(const mp_engine *e)
+{
+    return e->nworkers;
+}
+
+int
+mp_engine_handshake(mp_engine *e, int fd, SSL_CTX *ctx, int server_side, const char *sni,
+                    uint64_t *conn_id, char *err, size_t errlen)
+{
+    if (sni != NULL && strlen(sni) >= CMD_TEXT) {
+        snprintf(err, errlen, "server name too long");
+        return -1;
+    }
+    cmd_t *cmd = calloc(1, sizeof *cmd);
+    mp_event *final = calloc(1, sizeof *final);
+    if (cmd == NULL || final == NULL) {
+        free(cmd);
+        free(final);
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    uint64_t id = atomic_fetch_add(&e->next_id, 1);
+    cmd->op = CMD_HANDSHAKE;
+    cmd->conn_id = id;
+    cmd->fd = fd;
+    cmd->ctx = ctx;
+    cmd->server_side = server_side;
+    cmd->final = final;
+    if (sni != NULL) {
+        snprintf(cmd->text, sizeof cmd->text, "%s", sni);
+    }
+    SSL_CTX_up_ref(ctx); /* the session keeps its context across a rotation */
+    if (submit(e, cmd) < 0) {
+        SSL_CTX_free(ctx);
+        free(final);
+        free(cmd);
+        snprintf(err, errlen, "engine is shut down");
+        return -1;
+    }
+    *conn_id = id; /* cmd belongs to the worker now: do not touch it */
+    return 0;
+}
+
+static int
+submit_simple(mp_engine *e, int op, uint64_t conn_id, int fd, const char *text, char *err,
+              size_t errlen)
+{
+    cmd_t *cmd = calloc(1, sizeof *cmd);
+    if (cmd == NULL) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    cmd->op = op;
+    cmd->conn_id = conn_id;
+    cmd->fd = fd;
+    if (text != NULL) {
+        snprintf(cmd->text, MP_REASON_MAX, "%s", text);
+    }
+    if (submit(e, cmd) < 0) {
+        free(cmd);
+        snprintf(err, errlen, "engine is shut down");
+        return -1;
+    }
+    return 0;
+}
+
+int
+mp_engine_relay(mp_engine *e, uint64_t conn_id, int app_fd, char *err, size_t errlen)
+{
+    return submit_simple(e, CMD_RELAY, conn_id, app_fd, NULL, err, errlen);
+}
+
+int
+mp_engine_close(mp_engine *e, uint64_t conn_id, const char *reason, char *err, size_t errlen)
+{
+    return submit_simple(e, CMD_CLOSE, conn_id, -1, reason ? reason : "closed", err, errlen);
+}
+
+mp_event *
+mp_engine_take_events(mp_engine *e)
+{
+    drain_eventfd(e->ev_fd); /* before taking: a later post writes it again */
+    pthread_mutex_lock(&e->ev_mu);
+    mp_event *list = e->ev_head;
+    e->ev_head = e->ev_tail = NULL;
+    pthread_mutex_unlock(&e->ev_mu);
+    return list;
+}
+
+void
+mp_engine_stats(const mp_engine *e, mp_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    for (int i = 0; i < e->nworkers; i++) {
+        worker_t *w = &e->workers[i];
+        out->active += GET(w->active);
+        out->handshakes += GET(w->handshakes);
+        out->handshake_failures += GET(w->failures);
+        out->closed += GET(w->closed);
+        out->bytes_tls_to_app += GET(w->t2a);
+        out->bytes_app_to_tls += GET(w->a2t);
+        out->buffer_bytes += GET(w->buffer_bytes);
+    }
+}
+
+void
+mp_engine_stop(mp_engine *e)
+{
+    if (e->stopped || e->workers == NULL) {
+        return;
+    }
+    e->stopped = 1;
+    for (int i = 0; i < e->nworkers; i++) {
+        worker_t *w = &e->workers[i];
+        if (!w->mu_ready) {
+            continue;
+        }
+        pthread_mutex_lock(&w->mu);
+        w->stopping = 1;
+        pthread_mutex_unlock(&w->mu);
+        if (w->cmd_fd >= 0) {
+            wake(w->cmd_fd);
+        }
+    }
+    for (int i = 0; i < e->nworkers; i++) {
+        if (e->workers[i].started) {
+            pthread_join(e->workers[i].thread, NULL);
+            e->workers[i].started = 0;
+        }
+    }
+}
+
+void
+mp_engine_free(mp_engine *e)
+{
+    if (e == NULL) {
+        return;
+    }
+    mp_engine_stop(e);
+    for (int i = 0; e->workers != NULL && i < e->nworkers; i++) {
+        worker_t *w = &e->workers[i];
+        if (w->mu_ready) { /* a worker that never ran: nothing is queued or open */
+            pthread_mutex_destroy(&w->mu);
+        }
+        while (w->pooled > 0) {
+            free(w->pool[--w->pooled]);
+        }
+        free(w->table);
+        close_fd(&w->epfd);
+        close_fd(&w->cmd_fd);
+    }
+    free(e->workers);
+    if (e->ev_mu_ready) {
+        pthread_mutex_destroy(&e->ev_mu);
+    }
+    for (mp_event *ev = e->ev_head, *next; ev; ev = next) {
+        next = ev->next;
+        mp_event_free(ev);
+    }
+    close_fd(&e->ev_fd);
+    free(e);
+}

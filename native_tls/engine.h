@@ -1,0 +1,82 @@
+/*
+ * The relay engine: worker threads that own the TLS sessions of the tcp data path.
+ *
+ * No Python here: nothing in engine.c may touch a Python object, so the hot path runs
+ * without the GIL by construction. module.c is the only bridge.
+ *
+ * Contract with the caller (Python, through module.c):
+ *   - mp_engine_handshake hands a connected, non-blocking TCP fd to a worker; on success
+ *     the engine owns it (and closes it exactly once), on failure the caller still does.
+ *   - The worker posts MP_EV_HANDSHAKE (peer certificate, ALPN, version, cipher) or the
+ *     final MP_EV_HANDSHAKE_FAILED; then it waits for the caller's verdict.
+ *   - mp_engine_relay hands the app's Unix socket fd over (same ownership rule) and the
+ *     worker relays both ways; mp_engine_close ends a connection with a reason.
+ *   - Every connection ends with exactly one final event (HANDSHAKE_FAILED or CLOSED),
+ *     preallocated when the connection is created so that it cannot fail to be posted.
+ *   - The event fd (mp_engine_fileno) becomes readable when events are waiting.
+ */
+#ifndef MESHPROXY_ENGINE_H
+#define MESHPROXY_ENGINE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <openssl/ssl.h>
+
+enum { MP_EV_HANDSHAKE = 1, MP_EV_HANDSHAKE_FAILED = 2, MP_EV_CLOSED = 3 };
+
+#define MP_REASON_MAX 200
+#define MP_SNI_MAX 256
+
+typedef struct mp_event {
+    struct mp_event *next;
+    uint64_t conn_id;
+    int kind;
+    char reason[MP_REASON_MAX]; /* final events; "" = both directions ended cleanly */
+    unsigned char *peer_der;    /* MP_EV_HANDSHAKE: the peer's leaf, or NULL */
+    size_t peer_der_len;
+    char alpn[256];
+    const char *version; /* static strings of OpenSSL */
+    const char *cipher;
+    uint64_t tls_to_app;
+    uint64_t app_to_tls;
+} mp_event;
+
+typedef struct {
+    int threads;             /* worker threads, >= 1 */
+    size_t buffer_size;      /* bytes per direction buffer (and per write coalescing buffer) */
+    size_t read_buffer_size; /* OpenSSL's read-ahead buffer per session */
+    int coalesce_writes;     /* gather TLS records before send(): fewer, larger syscalls */
+    int release_buffers;     /* SSL_MODE_RELEASE_BUFFERS: idle sessions hold no buffers */
+} mp_engine_config;
+
+typedef struct {
+    uint64_t active;
+    uint64_t handshakes;
+    uint64_t handshake_failures;
+    uint64_t closed;
+    uint64_t bytes_tls_to_app;
+    uint64_t bytes_app_to_tls;
+    uint64_t buffer_bytes; /* memory held by relay buffers (in use and pooled) */
+} mp_stats;
+
+typedef struct mp_engine mp_engine;
+
+int mp_engine_global_init(void);
+mp_engine *mp_engine_new(const mp_engine_config *cfg, char *err, size_t errlen);
+int mp_engine_fileno(const mp_engine *e);
+int mp_engine_threads(const mp_engine *e);
+/* 0 and *conn_id set, or -1 with err (the caller keeps fd). Takes its own ctx reference. */
+int mp_engine_handshake(mp_engine *e, int fd, SSL_CTX *ctx, int server_side, const char *sni,
+                        uint64_t *conn_id, char *err, size_t errlen);
+int mp_engine_relay(mp_engine *e, uint64_t conn_id, int app_fd, char *err, size_t errlen);
+int mp_engine_close(mp_engine *e, uint64_t conn_id, const char *reason, char *err, size_t errlen);
+/* All waiting events, oldest first (a list linked by next); free each with mp_event_free. */
+mp_event *mp_engine_take_events(mp_engine *e);
+void mp_event_free(mp_event *ev);
+void mp_engine_stats(const mp_engine *e, mp_stats *out);
+/* Stop the workers (open connections end, their fds closed) and join them. Idempotent. */
+void mp_engine_stop(mp_engine *e);
+void mp_engine_free(mp_engine *e);
+
+#endif
