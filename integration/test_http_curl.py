@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import ssl
 import subprocess
@@ -149,7 +148,6 @@ def test_a_large_upload_streams_through_with_curl(web: Web, tmp_path: Path) -> N
     }
 
 
-@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load (nghttp2-client) not installed")
 @pytest.mark.parametrize("listener", ["fast", "pub"])
 def test_h2load_drives_many_streams_without_errors(web: Web, listener: str) -> None:
     """h2load connects by IP, so it also sends no SNI; it offers ALPN h2."""

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import sys
@@ -145,7 +144,6 @@ def front(tmp_path_factory: pytest.TempPathFactory, signer: Signer) -> Iterator[
     sniff.close()
 
 
-@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy not installed")
 def test_haproxy_routes_our_tls_by_sni_to_two_marbles(front: Front) -> None:
     hp = port()
     cfg = front.workdir / "haproxy.cfg"
@@ -181,7 +179,6 @@ backend beta
     proc.stop()
 
 
-@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed")
 def test_nginx_routes_by_authority_to_two_marbles_and_verifies_them(front: Front) -> None:
     np_ = port()
     d = front.workdir / "nginx"
@@ -233,7 +230,6 @@ def test_nginx_routes_by_authority_to_two_marbles_and_verifies_them(front: Front
     proc.stop()
 
 
-@pytest.mark.skipif(shutil.which("stunnel") is None, reason="stunnel not installed")
 def test_our_tls_inside_an_outer_tls_tunnel_delivered_from_loopback(front: Front) -> None:
     d = front.workdir / "stunnel"
     d.mkdir(exist_ok=True)
