@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup demo test test-unit test-integration lint clean bench
+.PHONY: setup demo test test-unit test-integration test-asan lint clean bench
 
 setup:
 	@scripts/setup.sh
@@ -20,6 +20,10 @@ test-unit: setup
 
 test-integration: setup
 	$(BIN)/python -m pytest integration $(PYTEST_ARGS)
+
+# The native engine's tests under AddressSanitizer + UBSan.
+test-asan: setup
+	native_tls/test-asan.sh $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check meshproxy tests integration

@@ -10,16 +10,17 @@ from setuptools import Extension, setup
 
 SOURCES = ["native_tls/module.c", "native_tls/engine.c", "native_tls/context.c"]
 HEADERS = ["native_tls/engine.h", "native_tls/context.h"]
-WARNINGS = ["-Wall", "-Wextra", "-Wshadow", "-Wstrict-prototypes", "-Wno-missing-field-initializers",
-            "-Werror=implicit-function-declaration"]  # fmt: skip
+WARNINGS = ["-Wall", "-Wextra", "-Wshadow", "-Wstrict-prototypes"]
+WARNINGS += ["-Werror=implicit-function-declaration"]
+SANITIZERS = "-fsanitize=address,undefined"
 
 debug = os.environ.get("MESHPROXY_NATIVE_DEBUG") == "asan"
 extra_compile = ["-O2", "-pthread", *WARNINGS]
 extra_link = ["-pthread"]
-if debug:
-    extra_compile = ["-O1", "-g", "-pthread", "-fsanitize=address,undefined",
-                     "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined", *WARNINGS]  # fmt: skip
-    extra_link = ["-pthread", "-fsanitize=address,undefined"]
+if debug:  # native_tls/test-asan.sh
+    extra_compile = ["-O1", "-g", "-pthread", SANITIZERS, "-fno-omit-frame-pointer", *WARNINGS]
+    extra_compile.append("-fno-sanitize-recover=undefined")
+    extra_link = ["-pthread", SANITIZERS]
 
 setup(
     ext_modules=[

@@ -99,7 +99,7 @@ Context_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     int server = -1, verify_peer = -1, partial_chain = 1, tickets = 0;
     const char *min_version = "1.3";
     PyObject *alpn = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*w*z*|$ppppsO", kwlist, &chain, &key, &trust,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*w*z*|$pppspO", kwlist, &chain, &key, &trust,
                                      &server, &verify_peer, &partial_chain, &min_version,
                                      &tickets, &alpn)) {
         return NULL;

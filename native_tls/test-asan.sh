@@ -25,17 +25,19 @@ LIBASAN=$(gcc -print-file-name=libasan.so)
 export LD_PRELOAD=$LIBASAN
 export ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:log_path=$TMP/report.asan"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$TMP/report.ubsan"
-export PYTHONPATH=$TMP/lib PYTHONDONTWRITEBYTECODE=1 MESHPROXY_TEST_BACKENDS=c
+export PYTHONPATH=$TMP/lib PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 MESHPROXY_TEST_BACKENDS=c
 
 cd "$TMP/lib"  # python -m puts the working directory first: the shadow package wins
 "$PY" -c 'import meshproxy._native_tls as n, sys; sys.exit(0 if "/mp-asan." in n.__file__ else
           f"the sanitized module is not the one imported: {n.__file__}")'
 
+# Not the curl test: curl inherits LD_PRELOAD and deadlocks in glibc's setlocale under the
+# ASan runtime; the public-inbound test covers the same C path.
 echo "== native tests under ASan + UBSan"
 status=0
 "$PY" -m pytest -p no:cacheprovider -c "$ROOT/pyproject.toml" --rootdir "$ROOT" -q \
     "$ROOT/tests/test_native_engine.py" "$ROOT/tests/test_proxy_relay.py" \
-    "$@" || status=$?
+    -k "not curl" "$@" || status=$?
 
 reports=$(find "$TMP" -maxdepth 1 -name 'report.*' | sort)
 if [ -n "$reports" ]; then

@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 import uvloop
 import yaml
+from cryptography.hazmat.primitives import serialization
 
 from meshproxy import pki
 from meshproxy.errors import NativeUnavailable, PKIError
@@ -140,7 +141,10 @@ class Scene:
 
     async def aclose(self) -> None:
         for c in self.closers:
-            c.stop_accepting() if hasattr(c, "stop_accepting") else c.close()
+            if hasattr(c, "stop_accepting"):  # our listeners
+                c.stop_accepting()
+            else:  # the apps' servers
+                c.close()
         await self.connections.drain(2.0)
         await self.engine.aclose()
 
@@ -198,8 +202,7 @@ async def tls_client(
 
 
 def leaf_der(identity: TLSIdentity) -> bytes:
-    return ssl.PEM_cert_to_DER_cert(identity.chain_pem.decode().split("-----END")[0] + (
-        "-----END CERTIFICATE-----\n"))  # fmt: skip
+    return pki.cert_from_pem(identity.chain_pem).public_bytes(serialization.Encoding.DER)
 
 
 def open_fds() -> set[str]:
@@ -520,6 +523,73 @@ def test_a_client_that_never_speaks_is_dropped_at_the_handshake_timeout(
         silent.settimeout(5)
         assert silent.recv(10) == b""
         silent.close()
+        listener.close()
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("min_version", ["1.3", "1.2"])
+def test_tls12_clients_are_refused_unless_configured(
+    ids: dict[str, TLSIdentity], min_version: str
+) -> None:
+    async def scenario(scene: Scene) -> None:
+        native = native_module()
+        assert native is not None
+        backend = ids["backend"]
+        ctx = native.Context(backend.chain_pem, bytearray(backend.key_pem.reveal()), None,
+                             server=True, verify_peer=False, min_version=min_version)  # fmt: skip
+        listener = socket.create_server(("127.0.0.1", 0))
+        old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        old.check_hostname, old.verify_mode = False, ssl.CERT_NONE
+        old.maximum_version = ssl.TLSVersion.TLSv1_2
+        loop = asyncio.get_running_loop()
+        port = listener.getsockname()[1]
+        connecting = asyncio.ensure_future(asyncio.open_connection("127.0.0.1", port, ssl=old))
+        listener.setblocking(False)
+        conn, _ = await loop.sock_accept(listener)
+        session = scene.engine.handshake(conn, ctx, server_side=True)
+        if min_version == "1.3":
+            with pytest.raises(Exception, match="protocol"):
+                await session.handshake(5)
+            with pytest.raises(ssl.SSLError):
+                await connecting
+        else:
+            assert (await session.handshake(5)).version == "TLSv1.2"
+            _, writer = await connecting
+            writer.close()
+            session.close("test done")
+        listener.close()
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("tickets", [False, True])
+def test_session_tickets_are_sent_only_when_configured(
+    ids: dict[str, TLSIdentity], tickets: bool
+) -> None:
+    async def scenario(scene: Scene) -> None:
+        native = native_module()
+        assert native is not None
+        backend = ids["backend"]
+        ctx = native.Context(backend.chain_pem, bytearray(backend.key_pem.reveal()), None,
+                             server=True, verify_peer=False, tickets=tickets)  # fmt: skip
+        listener = socket.create_server(("127.0.0.1", 0))
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+        port = listener.getsockname()[1]
+        connecting = asyncio.ensure_future(asyncio.open_connection("127.0.0.1", port, ssl=client))
+        listener.setblocking(False)
+        conn, _ = await asyncio.get_running_loop().sock_accept(listener)
+        session = scene.engine.handshake(conn, ctx, server_side=True)
+        await session.handshake(5)
+        app, ours = socket.socketpair()
+        session.relay(app)
+        ours.sendall(b"x")  # tickets travel before the first application data
+        reader, writer = await connecting
+        assert await reader.readexactly(1) == b"x"
+        assert writer.get_extra_info("ssl_object").session.has_ticket is tickets
+        writer.close()
+        ours.close()
         listener.close()
 
     run(scenario)
