@@ -12,7 +12,7 @@ setup:
 demo: setup
 	$(BIN)/python -m integration.demo
 
-test: setup lint
+test: setup lint test-asan
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-unit: setup
