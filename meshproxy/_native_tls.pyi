@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from typing import Final, final
 
 ENGINE_API: Final[int]
-"""Version of the relay-engine interface; >= 1: Engine, Context and Event below exist."""
+"""Version of the relay-engine interface; >= 1: Engine, Context and Event below exist;
+>= 2: Engine.listen (the engine accepts, checks identities and connects apps itself)."""
 
 HANDSHAKE: Final[int]
 """Event kind: the handshake completed; the connection waits for relay() or close()."""
@@ -16,6 +17,8 @@ HANDSHAKE_FAILED: Final[int]
 """Final event kind: the handshake failed (reason says why); the socket is closed."""
 CLOSED: Final[int]
 """Final event kind: the connection ended; reason None means EOF in both directions."""
+ACCEPTED: Final[int]
+"""Event kind: an engine listener accepted the connection (its first event)."""
 
 class NativeError(Exception):
     """A failure inside the native engine; the message says what and why."""
@@ -62,6 +65,21 @@ class Event(tuple[object, ...]):
     def tls_to_app(self) -> int: ...
     @property
     def app_to_tls(self) -> int: ...
+    @property
+    def listener(self) -> int:
+        """The engine's listener that accepted the connection (0: handed over)."""
+    @property
+    def relaying(self) -> bool:
+        """HANDSHAKE: the engine checked the identity, connected the app and relays."""
+    @property
+    def remote(self) -> str | None:
+        """Listener connections: the peer's ``host:port``."""
+    @property
+    def peer_id(self) -> str | None:
+        """HANDSHAKE with relaying: the peer's SPIFFE ID (None: anonymous client)."""
+    @property
+    def peer_uuid(self) -> str | None:
+        """HANDSHAKE with relaying: the peer's instance UUID, if its certificate has one."""
 
 @final
 class Engine:
@@ -82,6 +100,23 @@ class Engine:
         """An eventfd, readable while events wait in ``events()``."""
     def handshake(self, fd: int, ctx: Context, server_side: bool, sni: str | None = None) -> int:
         """Start TLS on a connected TCP socket; the engine owns ``fd`` once this returns."""
+    def listen(
+        self,
+        fd: int,
+        ctx: Context,
+        *,
+        app_path: str | None = None,
+        trust_domain: str | None = None,
+        allowed: Sequence[str] = (),
+        anonymous: bool = False,
+        handshake_timeout: float = 10.0,
+    ) -> int:
+        """Accept on a listening TCP socket in the workers; the engine owns ``fd`` once
+        this returns. Returns the listener id."""
+    def listener_context(self, listener_id: int, ctx: Context) -> None:
+        """New connections of the listener use ``ctx``."""
+    def unlisten(self, listener_id: int) -> None:
+        """Stop accepting; the engine closes the listening socket. Idempotent."""
     def relay(self, conn_id: int, fd: int) -> None:
         """Relay a handshaken connection to the app's Unix socket; the engine owns ``fd``."""
     def close(self, conn_id: int, reason: str) -> None:
@@ -89,7 +124,8 @@ class Engine:
     def events(self) -> list[Event]:
         """Every waiting event, oldest first."""
     def stats(self) -> dict[str, int]:
-        """threads, active, handshakes, handshake_failures, closed, bytes_*, buffer_bytes."""
+        """threads, active, handshakes, handshake_failures, closed, bytes_*, buffer_bytes,
+        accepted, fast_path."""
     def shutdown(self) -> None:
         """End every connection and join the workers (idempotent)."""
 

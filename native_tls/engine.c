@@ -21,6 +21,13 @@
  * its own buffer), and for writes an optional coalescing buffer so that several records
  * leave in one send(). Buffers come from a per-worker pool and are held by a connection
  * only while they hold bytes, so idle connections cost no buffer memory.
+ *
+ * Listeners (mp_engine_listen): the listening socket is in every worker's epoll set
+ * (EPOLLEXCLUSIVE: one worker wakes per connection); a worker accepts a batch, runs the
+ * handshake under a deadline, and then, for the common case, checks the peer's SPIFFE
+ * identity against the listener's policy and connects the app's Unix socket itself, so
+ * that Python hears of the connection once (and once more at its end) instead of
+ * driving it. Everything else falls back to the caller (see engine.h).
  */
 #define _GNU_SOURCE
 #include "engine.h"
@@ -38,16 +45,22 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
+#include <arpa/inet.h>
 
 #include <openssl/err.h>
 #include <openssl/x509.h>
+#include <openssl/x509v3.h>
 
 #define MAX_THREADS 64
 #define EPOLL_BATCH 128
 #define PUMP_ROUNDS 16 /* then yield to other connections; the rest runs from the ready list */
 #define POOL_BUFFERS 16 /* per worker, kept for reuse: no malloc per burst */
 #define CMD_TEXT 256
+#define ACCEPT_BATCH 64   /* accepts per readiness: new connections cannot starve open ones */
+#define ACCEPT_PAUSE_S 1.0 /* out of fds or memory: stop accepting for this long */
 
 /* -- types ------------------------------------------------------------------------------- */
 typedef struct {
@@ -55,7 +68,40 @@ typedef struct {
     size_t start, end;
 } buf_t;
 
-enum { CMD_HANDSHAKE = 1, CMD_RELAY, CMD_CLOSE };
+enum { CMD_HANDSHAKE = 1, CMD_RELAY, CMD_CLOSE, CMD_LISTEN, CMD_UNLISTEN };
+
+struct conn;
+typedef struct {
+    struct conn *conn; /* NULL: a listener slot */
+    int app;
+} endpoint_t;
+
+/* A listening socket shared by the workers. refs: the engine's list, every worker slot,
+ * every connection accepted on it; slots: workers that still poll the fd (the last one
+ * to let go closes it, so that no worker can accept on a reused fd number). */
+typedef struct listener {
+    uint32_t id;
+    int fd;
+    _Atomic int refs, slots;
+    pthread_mutex_t mu; /* guards ctx */
+    SSL_CTX *ctx;
+    char *app_path;
+    char *trust_domain;
+    char **allowed;
+    size_t nallowed;
+    int anonymous;
+    double timeout;
+    struct listener *next; /* the engine's list */
+} listener_t;
+
+typedef struct lslot {
+    endpoint_t ep; /* first: epoll hands back &ep */
+    listener_t *l;
+    int polled;          /* in the epoll set */
+    int removed;         /* freed after the current epoll batch */
+    double paused_until; /* accept failed for lack of fds or memory */
+    struct lslot *next;
+} lslot_t;
 
 typedef struct cmd {
     struct cmd *next;
@@ -64,17 +110,12 @@ typedef struct cmd {
     int fd;
     SSL_CTX *ctx;
     int server_side;
+    listener_t *l; /* CMD_LISTEN, CMD_UNLISTEN */
     mp_event *final;
     char text[CMD_TEXT]; /* SNI or close reason */
 } cmd_t;
 
 enum { ST_HANDSHAKE, ST_WAIT, ST_RELAY, ST_DEAD };
-
-struct conn;
-typedef struct {
-    struct conn *conn;
-    int app;
-} endpoint_t;
 
 typedef struct conn {
     uint64_t id;
@@ -94,6 +135,10 @@ typedef struct conn {
     int io_errno; /* errno of the failed socket call behind an SSL error */
     uint64_t tls_to_app, app_to_tls;
     mp_event *final; /* preallocated by the caller: the last event can always be posted */
+    listener_t *listener;              /* accepted by the engine on this listener, or NULL */
+    struct conn *hs_prev, *hs_next;    /* the worker's handshake-deadline list */
+    double deadline;                   /* listener connections: end of the handshake */
+    int hs_linked;
 } conn_t;
 
 typedef struct worker {
@@ -111,8 +156,14 @@ typedef struct worker {
     conn_t *ready, *dead;
     char *pool[POOL_BUFFERS];
     int pooled;
+    lslot_t *slots;         /* listeners this worker accepts on */
+    lslot_t *dead_slots;    /* removed during this epoll batch */
+    conn_t *hs_head;        /* listener connections in their handshake, oldest first */
+    conn_t *hs_tail;
+    double next_timer;      /* earliest handshake deadline or accept resume; 0: none */
     /* written by this worker only, read by anyone */
-    _Atomic uint64_t active, handshakes, failures, closed, t2a, a2t, buffer_bytes;
+    _Atomic uint64_t active, handshakes, failures, closed, t2a, a2t, buffer_bytes, accepted,
+        fast_path;
 } worker_t;
 
 struct mp_engine {
@@ -125,12 +176,17 @@ struct mp_engine {
     pthread_mutex_t ev_mu; /* guards ev_head/ev_tail */
     mp_event *ev_head, *ev_tail;
     int stopped;
+    pthread_mutex_t ls_mu; /* guards listeners, next_listener */
+    int ls_mu_ready;
+    listener_t *listeners;
+    uint32_t next_listener;
 };
 
 static BIO_METHOD *tio_method;
 
 static void pump(conn_t *c);
 static void conn_end(conn_t *c, const char *reason);
+static void hs_unlink(conn_t *c);
 
 #define ADD(counter, n) atomic_fetch_add_explicit(&(counter), (n), memory_order_relaxed)
 #define SUB(counter, n) atomic_fetch_sub_explicit(&(counter), (n), memory_order_relaxed)
@@ -169,6 +225,40 @@ errno_text(int err, const char *side, char *out, size_t n)
     const char *s = strerror_r(err, tmp, sizeof tmp);
     char first = (s[0] >= 'A' && s[0] <= 'Z') ? (char)(s[0] - 'A' + 'a') : s[0];
     snprintf(out, n, "%s%s%c%s", side ? side : "", side ? ": " : "", first, s[0] ? s + 1 : "");
+}
+
+static double
+now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void
+listener_release(listener_t *l)
+{
+    if (l == NULL || atomic_fetch_sub(&l->refs, 1) != 1) {
+        return;
+    }
+    pthread_mutex_destroy(&l->mu);
+    SSL_CTX_free(l->ctx);
+    for (size_t i = 0; i < l->nallowed; i++) {
+        free(l->allowed[i]);
+    }
+    free(l->allowed);
+    free(l->app_path);
+    free(l->trust_domain);
+    free(l);
+}
+
+/* A worker stops polling the listening fd; the last one closes it. */
+static void
+listener_drop_slot(listener_t *l)
+{
+    if (atomic_fetch_sub(&l->slots, 1) == 1) {
+        close_fd(&l->fd);
+    }
 }
 
 static int
@@ -464,6 +554,10 @@ conn_remove(worker_t *w, conn_t *c)
 }
 
 /* -- events to Python ----------------------------------------------------------------------- */
+/* A worker wakes the caller once per epoll batch, not once per event: on a shared core every
+ * wake-up of the Python thread is a context switch each way. Set in worker threads only. */
+static __thread int *tl_wake_pending;
+
 static void
 post(mp_engine *e, mp_event *ev)
 {
@@ -478,7 +572,11 @@ post(mp_engine *e, mp_event *ev)
     e->ev_tail = ev;
     pthread_mutex_unlock(&e->ev_mu);
     if (was_empty) {
-        wake(e->ev_fd);
+        if (tl_wake_pending != NULL) {
+            *tl_wake_pending = 1; /* woken at the end of the worker's batch */
+        } else {
+            wake(e->ev_fd);
+        }
     }
 }
 
@@ -491,21 +589,26 @@ mp_event_free(mp_event *ev)
     }
 }
 
-static int
-post_handshake(conn_t *c)
+/* The HANDSHAKE event of c, not posted yet; with the peer's DER leaf when with_der. */
+static mp_event *
+handshake_event(conn_t *c, int with_der)
 {
     mp_event *ev = calloc(1, sizeof *ev);
     if (ev == NULL) {
-        return -1;
+        return NULL;
     }
     ev->conn_id = c->id;
     ev->kind = MP_EV_HANDSHAKE;
-    X509 *peer = SSL_get0_peer_certificate(c->ssl);
+    if (c->listener != NULL) {
+        ev->listener = c->listener->id;
+        memcpy(ev->remote, c->final->remote, sizeof ev->remote);
+    }
+    X509 *peer = with_der ? SSL_get0_peer_certificate(c->ssl) : NULL;
     if (peer != NULL) {
         int n = i2d_X509(peer, NULL);
         if (n <= 0 || (ev->peer_der = malloc((size_t)n)) == NULL) {
             free(ev);
-            return -1;
+            return NULL;
         }
         unsigned char *p = ev->peer_der;
         ev->peer_der_len = (size_t)i2d_X509(peer, &p);
@@ -520,9 +623,25 @@ post_handshake(conn_t *c)
     ev->version = SSL_get_version(c->ssl);
     const SSL_CIPHER *cipher = SSL_get_current_cipher(c->ssl);
     ev->cipher = cipher ? SSL_CIPHER_get_name(cipher) : NULL;
+    return ev;
+}
+
+static void
+post_handshake_event(conn_t *c, mp_event *ev)
+{
     post(c->w->eng, ev);
     c->handshake_posted = 1;
     ADD(c->w->handshakes, 1);
+}
+
+static int
+post_handshake(conn_t *c)
+{
+    mp_event *ev = handshake_event(c, 1);
+    if (ev == NULL) {
+        return -1;
+    }
+    post_handshake_event(c, ev);
     return 0;
 }
 
@@ -669,6 +788,7 @@ conn_end(conn_t *c, const char *reason)
         return;
     }
     worker_t *w = c->w;
+    hs_unlink(c);
     if (c->tcp_ev) {
         epoll_ctl(w->epfd, EPOLL_CTL_DEL, c->tcp_fd, NULL);
     }
@@ -711,11 +831,59 @@ reap(worker_t *w)
         buf_put(w, &c->to_app);
         buf_put(w, &c->to_tls);
         buf_put(w, &c->out);
+        listener_release(c->listener);
         free(c);
+    }
+    while (w->dead_slots) {
+        lslot_t *s = w->dead_slots;
+        w->dead_slots = s->next;
+        listener_release(s->l);
+        free(s);
     }
 }
 
 /* -- handshake ------------------------------------------------------------------------------ */
+static void
+hs_unlink(conn_t *c)
+{
+    if (!c->hs_linked) {
+        return;
+    }
+    worker_t *w = c->w;
+    if (c->hs_prev) {
+        c->hs_prev->hs_next = c->hs_next;
+    } else {
+        w->hs_head = c->hs_next;
+    }
+    if (c->hs_next) {
+        c->hs_next->hs_prev = c->hs_prev;
+    } else {
+        w->hs_tail = c->hs_prev;
+    }
+    c->hs_prev = c->hs_next = NULL;
+    c->hs_linked = 0;
+}
+
+static void
+hs_link(conn_t *c)
+{
+    worker_t *w = c->w;
+    c->hs_prev = w->hs_tail;
+    c->hs_next = NULL;
+    if (w->hs_tail) {
+        w->hs_tail->hs_next = c;
+    } else {
+        w->hs_head = c;
+    }
+    w->hs_tail = c;
+    c->hs_linked = 1;
+    if (w->next_timer == 0 || c->deadline < w->next_timer) {
+        w->next_timer = c->deadline;
+    }
+}
+
+static void listener_handshaken(conn_t *c);
+
 static void
 handshake_step(conn_t *c)
 {
@@ -724,6 +892,11 @@ handshake_step(conn_t *c)
     if (r == 1) {
         if (flush_out(c, NULL) < 0) {
             fail_errno(c, NULL, c->io_errno);
+            return;
+        }
+        if (c->listener != NULL) {
+            hs_unlink(c);
+            listener_handshaken(c);
             return;
         }
         c->state = ST_WAIT; /* the caller checks the peer, then relays or closes */
@@ -752,33 +925,38 @@ handshake_step(conn_t *c)
     conn_end(c, reason);
 }
 
+/* A new connection in its handshake; takes fd and final (posted on any failure). ctx is
+ * the context to use (the caller keeps its reference); l the listener that accepted it. */
 static void
-start_handshake(worker_t *w, cmd_t *cmd)
+begin_tls(worker_t *w, uint64_t id, int fd, mp_event *final, SSL_CTX *ctx, int server_side,
+          const char *sni, listener_t *l)
 {
     conn_t *c = calloc(1, sizeof *c);
     if (c == NULL) {
-        mp_event *ev = cmd->final;
-        cmd->final = NULL;
-        ev->conn_id = cmd->conn_id;
-        ev->kind = MP_EV_HANDSHAKE_FAILED;
-        snprintf(ev->reason, sizeof ev->reason, "out of memory");
-        close_fd(&cmd->fd);
-        post(w->eng, ev);
+        final->conn_id = id;
+        final->kind = MP_EV_HANDSHAKE_FAILED;
+        snprintf(final->reason, sizeof final->reason, "out of memory");
+        close(fd);
+        post(w->eng, final);
         ADD(w->failures, 1);
+        listener_release(l);
         return;
     }
-    c->id = cmd->conn_id;
+    c->id = id;
     c->w = w;
     c->state = ST_HANDSHAKE;
-    c->tcp_fd = cmd->fd;
-    cmd->fd = -1;
+    c->tcp_fd = fd;
     c->app_fd = -1;
     c->ep_tcp.conn = c->ep_app.conn = c;
     c->ep_app.app = 1;
-    c->final = cmd->final;
-    cmd->final = NULL;
+    c->final = final;
+    c->listener = l; /* its reference passes to the connection */
     conn_insert(w, c);
     ADD(w->active, 1);
+    if (l != NULL) {
+        c->deadline = now_s() + l->timeout;
+        hs_link(c);
+    }
     int one = 1;
     (void)setsockopt(c->tcp_fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one); /* as uvloop */
     if (set_nonblocking(c->tcp_fd) < 0) {
@@ -786,7 +964,7 @@ start_handshake(worker_t *w, cmd_t *cmd)
         return;
     }
     ERR_clear_error();
-    c->ssl = SSL_new(cmd->ctx);
+    c->ssl = SSL_new(ctx);
     BIO *bio = c->ssl ? BIO_new(tio_method) : NULL;
     if (bio == NULL) {
         conn_end(c, "out of memory");
@@ -799,16 +977,26 @@ start_handshake(worker_t *w, cmd_t *cmd)
     }
     SSL_set_read_ahead(c->ssl, 1);
     SSL_set_default_read_buffer_len(c->ssl, w->eng->cfg.read_buffer_size);
-    if (cmd->server_side) {
+    if (server_side) {
         SSL_set_accept_state(c->ssl);
     } else {
         SSL_set_connect_state(c->ssl);
-        if (cmd->text[0] && SSL_set_tlsext_host_name(c->ssl, cmd->text) != 1) {
+        if (sni && sni[0] && SSL_set_tlsext_host_name(c->ssl, sni) != 1) {
             conn_end(c, "SNI rejected");
             return;
         }
     }
     handshake_step(c); /* a client's ClientHello leaves now: meshes sniff the first bytes */
+}
+
+static void
+start_handshake(worker_t *w, cmd_t *cmd)
+{
+    mp_event *final = cmd->final;
+    int fd = cmd->fd;
+    cmd->final = NULL;
+    cmd->fd = -1;
+    begin_tls(w, cmd->conn_id, fd, final, cmd->ctx, cmd->server_side, cmd->text, NULL);
 }
 
 /* -- relay ---------------------------------------------------------------------------------- */
@@ -1049,11 +1237,319 @@ on_io(conn_t *c)
     }
 }
 
+
+/* -- listeners: accept, identity, app connect ------------------------------------------------ */
+/* "host:port" as meshproxy.tls._native.format_address words it. */
+static void
+format_remote(const struct sockaddr_storage *ss, char *out, size_t n)
+{
+    char host[INET6_ADDRSTRLEN] = "?";
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+        inet_ntop(AF_INET, &a->sin_addr, host, sizeof host);
+        snprintf(out, n, "%s:%u", host, (unsigned)ntohs(a->sin_port));
+    } else if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+        inet_ntop(AF_INET6, &a->sin6_addr, host, sizeof host);
+        snprintf(out, n, "[%s]:%u", host, (unsigned)ntohs(a->sin6_port));
+    } else {
+        snprintf(out, n, "?");
+    }
+}
+
+/* A connection id that routes to this worker (conn_id % threads == its index). */
+static uint64_t
+next_id_for(worker_t *w)
+{
+    mp_engine *e = w->eng;
+    uint64_t idx = (uint64_t)(w - e->workers);
+    for (;;) {
+        uint64_t id = atomic_fetch_add(&e->next_id, 1);
+        if (id % (uint64_t)e->nworkers == idx) {
+            return id;
+        }
+    }
+}
+
+static int
+printable(const unsigned char *p, int n)
+{
+    for (int i = 0; i < n; i++) {
+        if (p[i] < 0x21 || p[i] > 0x7e) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The positive case of pki.check_peer in C: exactly one SPIFFE URI, of the form
+ * spiffe://<trust domain>/marble/<type> with <type> one of the allowed ones; the instance
+ * UUID from the first urn:uuid: URI. 1: allowed (id and uuid written); 0: anything else,
+ * which the caller's pki.check_peer decides (and words) instead. */
+static int
+identity_allowed(SSL *ssl, const listener_t *l, char *id, size_t idlen, char *uuid,
+                 size_t uuidlen)
+{
+    X509 *peer = SSL_get0_peer_certificate(ssl);
+    if (peer == NULL || l->trust_domain == NULL) {
+        return 0;
+    }
+    int crit = 0;
+    GENERAL_NAMES *names = X509_get_ext_d2i(peer, NID_subject_alt_name, &crit, NULL);
+    if (names == NULL) {
+        return 0; /* none, or more than one SAN extension */
+    }
+    const unsigned char *spiffe = NULL, *urn = NULL;
+    int spiffe_len = 0, urn_len = 0, nspiffe = 0, ok = 1;
+    for (int i = 0; i < sk_GENERAL_NAME_num(names); i++) {
+        const GENERAL_NAME *gn = sk_GENERAL_NAME_value(names, i);
+        if (gn->type != GEN_URI) {
+            continue;
+        }
+        const unsigned char *p = ASN1_STRING_get0_data(gn->d.uniformResourceIdentifier);
+        int n = ASN1_STRING_length(gn->d.uniformResourceIdentifier);
+        if (!printable(p, n)) {
+            ok = 0; /* let the Python side parse what is unusual */
+            break;
+        }
+        if (n >= 9 && memcmp(p, "spiffe://", 9) == 0) {
+            nspiffe++;
+            spiffe = p;
+            spiffe_len = n;
+        } else if (urn == NULL && n >= 9 && memcmp(p, "urn:uuid:", 9) == 0) {
+            urn = p + 9;
+            urn_len = n - 9;
+        }
+    }
+    if (ok && nspiffe == 1 && (size_t)spiffe_len < idlen && (size_t)urn_len < uuidlen) {
+        const unsigned char *rest = spiffe + 9, *end = spiffe + spiffe_len;
+        size_t dlen = strlen(l->trust_domain);
+        const char marble[] = "/marble/";
+        const unsigned char *type = rest + dlen + sizeof marble - 1;
+        ok = (size_t)(end - rest) > dlen + sizeof marble - 1 &&
+             memcmp(rest, l->trust_domain, dlen) == 0 &&
+             memcmp(rest + dlen, marble, sizeof marble - 1) == 0 &&
+             memchr(type, '/', (size_t)(end - type)) == NULL;
+        int allowed = 0;
+        for (size_t i = 0; ok && i < l->nallowed; i++) {
+            size_t tlen = strlen(l->allowed[i]);
+            allowed |= tlen == (size_t)(end - type) && memcmp(type, l->allowed[i], tlen) == 0;
+        }
+        ok = ok && allowed;
+        if (ok) {
+            memcpy(id, spiffe, (size_t)spiffe_len);
+            id[spiffe_len] = '\0';
+            if (urn != NULL) {
+                memcpy(uuid, urn, (size_t)urn_len);
+            }
+            uuid[urn != NULL ? urn_len : 0] = '\0';
+        }
+    } else {
+        ok = 0;
+    }
+    GENERAL_NAMES_free(names);
+    return ok;
+}
+
+/* The app's Unix socket, connected now, or -1: a full backlog, the app not listening,
+ * or anything else is the caller's (it retries, words the refusal and logs it). */
+static int
+connect_app(const char *path)
+{
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    snprintf(a.sun_path, sizeof a.sun_path, "%s", path); /* length checked at listen */
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        return -1;
+    }
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) == 0) {
+        return fd;
+    }
+    close(fd);
+    return -1;
+}
+
+/* A listener's connection finished its handshake: relay at once if C may decide. */
+static void
+listener_handshaken(conn_t *c)
+{
+    listener_t *l = c->listener;
+    mp_event *ev = handshake_event(c, 0);
+    if (ev == NULL) {
+        conn_end(c, "out of memory");
+        return;
+    }
+    int fast = l->anonymous || identity_allowed(c->ssl, l, ev->peer_id, sizeof ev->peer_id,
+                                                  ev->peer_uuid, sizeof ev->peer_uuid);
+    int app = fast && l->app_path != NULL ? connect_app(l->app_path) : -1;
+    if (app < 0) { /* the caller decides, as for a connection it handed over */
+        mp_event_free(ev);
+        c->state = ST_WAIT;
+        if (post_handshake(c) < 0) {
+            conn_end(c, "out of memory");
+            return;
+        }
+        tidy(c);
+        update_interest(c);
+        return;
+    }
+    ev->relaying = 1;
+    post_handshake_event(c, ev);
+    ADD(c->w->fast_path, 1);
+    c->app_fd = app;
+    c->state = ST_RELAY;
+    pump(c); /* the client's first bytes may already wait in OpenSSL's buffer */
+}
+
+static void
+accept_one(worker_t *w, listener_t *l, int fd, const struct sockaddr_storage *ss)
+{
+    mp_event *final = calloc(1, sizeof *final);
+    if (final == NULL) {
+        close(fd); /* no memory for even its event: refuse it outright */
+        return;
+    }
+    mp_event *accepted = calloc(1, sizeof *accepted);
+    if (accepted == NULL) {
+        free(final);
+        close(fd);
+        return;
+    }
+    uint64_t id = next_id_for(w);
+    final->listener = l->id;
+    format_remote(ss, final->remote, sizeof final->remote);
+    accepted->conn_id = id;
+    accepted->kind = MP_EV_ACCEPTED;
+    accepted->listener = l->id;
+    memcpy(accepted->remote, final->remote, sizeof accepted->remote);
+    post(w->eng, accepted); /* before any other event of the connection */
+    atomic_fetch_add(&l->refs, 1); /* for the connection */
+    ADD(w->accepted, 1);
+    pthread_mutex_lock(&l->mu);
+    SSL_CTX *ctx = l->ctx;
+    SSL_CTX_up_ref(ctx); /* a rotation may swap l->ctx meanwhile */
+    pthread_mutex_unlock(&l->mu);
+    begin_tls(w, id, fd, final, ctx, 1, NULL, l);
+    SSL_CTX_free(ctx); /* the session holds its own reference */
+}
+
+static void
+slot_poll(worker_t *w, lslot_t *s, int on)
+{
+    if (on == s->polled) {
+        return;
+    }
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLEXCLUSIVE, .data.ptr = &s->ep};
+    if (epoll_ctl(w->epfd, on ? EPOLL_CTL_ADD : EPOLL_CTL_DEL, s->l->fd, &ev) == 0) {
+        s->polled = on;
+    }
+}
+
+static void
+accept_ready(worker_t *w, lslot_t *s)
+{
+    listener_t *l = s->l;
+    if (s->removed) {
+        return;
+    }
+    for (int i = 0; i < ACCEPT_BATCH; i++) {
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof ss;
+        int fd = accept4(l->fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd >= 0) {
+            accept_one(w, l, fd, &ss);
+            continue;
+        }
+        if (errno == EINTR || errno == ECONNABORTED || errno == EPROTO) {
+            continue;
+        }
+        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+            slot_poll(w, s, 0); /* as asyncio does: pause, try again later */
+            s->paused_until = now_s() + ACCEPT_PAUSE_S;
+            if (w->next_timer == 0 || s->paused_until < w->next_timer) {
+                w->next_timer = s->paused_until;
+            }
+        }
+        return; /* EAGAIN, or an error of this listening socket */
+    }
+}
+
+/* Handshake deadlines and accept pauses; returns the epoll timeout in ms (-1: none). */
+static int
+run_timers(worker_t *w)
+{
+    if (w->next_timer == 0) {
+        return -1;
+    }
+    double now = now_s();
+    if (now < w->next_timer) {
+        return (int)((w->next_timer - now) * 1000) + 1;
+    }
+    double next = 0;
+    for (conn_t *c = w->hs_head, *n; c; c = n) {
+        n = c->hs_next;
+        if (c->deadline <= now) {
+            conn_end(c, "TLS handshake timed out");
+        } else if (next == 0 || c->deadline < next) {
+            next = c->deadline;
+        }
+    }
+    for (lslot_t *s = w->slots; s; s = s->next) {
+        if (!s->polled && s->paused_until > 0) {
+            if (s->paused_until <= now) {
+                s->paused_until = 0;
+                slot_poll(w, s, 1);
+            } else if (next == 0 || s->paused_until < next) {
+                next = s->paused_until;
+            }
+        }
+    }
+    w->next_timer = next;
+    return next == 0 ? -1 : (int)((next - now) * 1000) + 1;
+}
+
+static void
+add_slot(worker_t *w, listener_t *l)
+{
+    lslot_t *s = calloc(1, sizeof *s);
+    if (s == NULL) {
+        listener_drop_slot(l);
+        listener_release(l);
+        return;
+    }
+    s->ep.conn = NULL;
+    s->l = l; /* the command's reference passes to the slot */
+    s->next = w->slots;
+    w->slots = s;
+    slot_poll(w, s, 1);
+}
+
+static void
+remove_slot(worker_t *w, listener_t *l)
+{
+    for (lslot_t **p = &w->slots; *p; p = &(*p)->next) {
+        lslot_t *s = *p;
+        if (s->l == l) {
+            *p = s->next;
+            slot_poll(w, s, 0);
+            listener_drop_slot(l);
+            s->removed = 1; /* a later event of this batch may still name it */
+            s->next = w->dead_slots;
+            w->dead_slots = s;
+            return;
+        }
+    }
+}
+
 /* -- the worker thread ---------------------------------------------------------------------- */
 static void
 dispose(worker_t *w, cmd_t *cmd)
 {
     close_fd(&cmd->fd);
+    if (cmd->op == CMD_LISTEN && cmd->l != NULL) { /* never reached the worker */
+        listener_drop_slot(cmd->l);
+    }
+    listener_release(cmd->l);
     if (cmd->final != NULL) {
         cmd->final->conn_id = cmd->conn_id;
         cmd->final->kind = MP_EV_HANDSHAKE_FAILED;
@@ -1097,6 +1593,13 @@ run_commands(worker_t *w, cmd_t *list)
                 conn_end(c, cmd->text);
             }
             break;
+        case CMD_LISTEN:
+            add_slot(w, cmd->l);
+            cmd->l = NULL;
+            break;
+        case CMD_UNLISTEN:
+            remove_slot(w, cmd->l);
+            break;
         default:
             break;
         }
@@ -1129,6 +1632,9 @@ worker_stop(worker_t *w)
         dispose(w, cmd);
     }
     w->ready = NULL;
+    while (w->slots) {
+        remove_slot(w, w->slots->l);
+    }
     for (size_t i = 0; i < w->table_cap; i++) {
         while (w->table[i]) {
             conn_end(w->table[i], "engine stopped"); /* removes it from the chain */
@@ -1146,8 +1652,15 @@ worker_main(void *arg)
     char name[16];
     snprintf(name, sizeof name, "meshproxy-tls%u", (unsigned)(w - w->eng->workers) % 100u);
     pthread_setname_np(pthread_self(), name); /* visible in top -H and /proc */
+    int wake_pending = 0;
+    tl_wake_pending = &wake_pending;
     while (!stopping) {
-        int n = epoll_wait(w->epfd, evs, EPOLL_BATCH, w->ready ? 0 : -1);
+        int timeout = run_timers(w);
+        if (wake_pending) { /* before sleeping: the caller hears of this batch now */
+            wake_pending = 0;
+            wake(w->eng->ev_fd);
+        }
+        int n = epoll_wait(w->epfd, evs, EPOLL_BATCH, w->ready ? 0 : timeout);
         if (n < 0) {
             if (errno == EINTR) {
                 continue;
@@ -1158,6 +1671,8 @@ worker_main(void *arg)
             endpoint_t *ep = evs[i].data.ptr;
             if (ep == NULL) {
                 run_commands(w, take_commands(w, &stopping));
+            } else if (ep->conn == NULL) {
+                accept_ready(w, (lslot_t *)ep);
             } else if (ep->conn->state != ST_DEAD) {
                 on_io(ep->conn);
             }
@@ -1166,14 +1681,15 @@ worker_main(void *arg)
         reap(w);
     }
     worker_stop(w);
+    tl_wake_pending = NULL;
+    wake(w->eng->ev_fd); /* whatever worker_stop posted */
     return NULL;
 }
 
 /* -- the engine (called from the Python thread) --------------------------------------------- */
 static int
-submit(mp_engine *e, cmd_t *cmd)
+submit_to(worker_t *w, cmd_t *cmd)
 {
-    worker_t *w = &e->workers[cmd->conn_id % (uint64_t)e->nworkers];
     pthread_mutex_lock(&w->mu);
     if (w->stopping) {
         pthread_mutex_unlock(&w->mu);
@@ -1192,6 +1708,12 @@ submit(mp_engine *e, cmd_t *cmd)
         wake(w->cmd_fd);
     }
     return 0;
+}
+
+static int
+submit(mp_engine *e, cmd_t *cmd)
+{
+    return submit_to(&e->workers[cmd->conn_id % (uint64_t)e->nworkers], cmd);
 }
 
 static int
@@ -1246,6 +1768,12 @@ mp_engine_new(const mp_engine_config *cfg, char *err, size_t errlen)
         return NULL;
     }
     e->ev_mu_ready = 1;
+    if (pthread_mutex_init(&e->ls_mu, NULL) != 0) {
+        errno_text(errno ? errno : ENOMEM, "engine", err, errlen);
+        mp_engine_free(e);
+        return NULL;
+    }
+    e->ls_mu_ready = 1;
     for (int i = 0; i < e->nworkers; i++) {
         if (worker_init(e, &e->workers[i]) < 0) {
             errno_text(errno ? errno : ENOMEM, "engine", err, errlen);
@@ -1358,6 +1886,175 @@ mp_engine_close(mp_engine *e, uint64_t conn_id, const char *reason, char *err, s
                          errlen);
 }
 
+static listener_t *
+listener_new(const mp_listener_config *cfg, char *err, size_t errlen)
+{
+    listener_t *l = calloc(1, sizeof *l);
+    if (l == NULL || pthread_mutex_init(&l->mu, NULL) != 0) {
+        free(l);
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    atomic_init(&l->refs, 1);
+    atomic_init(&l->slots, 0);
+    l->fd = -1;
+    l->anonymous = cfg->anonymous;
+    l->timeout = cfg->handshake_timeout;
+    int ok = 1;
+    if (cfg->app_path != NULL) {
+        ok = (l->app_path = strdup(cfg->app_path)) != NULL;
+    }
+    if (ok && cfg->trust_domain != NULL) {
+        ok = (l->trust_domain = strdup(cfg->trust_domain)) != NULL;
+    }
+    if (ok && cfg->nallowed > 0) {
+        ok = (l->allowed = calloc(cfg->nallowed, sizeof *l->allowed)) != NULL;
+        for (size_t i = 0; ok && i < cfg->nallowed; i++) {
+            ok = (l->allowed[i] = strdup(cfg->allowed[i])) != NULL;
+            l->nallowed = i + 1;
+        }
+    }
+    if (!ok) {
+        listener_release(l);
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    return l;
+}
+
+int
+mp_engine_listen(mp_engine *e, const mp_listener_config *cfg, uint32_t *listener_id, char *err,
+                 size_t errlen)
+{
+    struct sockaddr_un probe;
+    if (cfg->app_path != NULL && strlen(cfg->app_path) >= sizeof probe.sun_path) {
+        snprintf(err, errlen, "app socket path too long");
+        return -1;
+    }
+    if (!cfg->anonymous && cfg->trust_domain == NULL) {
+        snprintf(err, errlen, "a listener for marbles needs a trust domain");
+        return -1;
+    }
+    if (!(cfg->handshake_timeout > 0 && cfg->handshake_timeout < 86400)) {
+        snprintf(err, errlen, "handshake_timeout must be above 0 and below a day");
+        return -1;
+    }
+    if (set_nonblocking(cfg->fd) < 0) {
+        errno_text(errno, "listening socket", err, errlen);
+        return -1;
+    }
+    listener_t *l = listener_new(cfg, err, errlen);
+    if (l == NULL) {
+        return -1;
+    }
+    SSL_CTX_up_ref(cfg->ctx);
+    l->ctx = cfg->ctx;
+    cmd_t *cmds[MAX_THREADS] = {0};
+    for (int i = 0; i < e->nworkers; i++) {
+        if ((cmds[i] = calloc(1, sizeof *cmds[i])) == NULL) {
+            for (int j = 0; j < i; j++) {
+                free(cmds[j]);
+            }
+            listener_release(l);
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
+    }
+    pthread_mutex_lock(&e->ls_mu);
+    if (e->stopped) {
+        pthread_mutex_unlock(&e->ls_mu);
+        for (int i = 0; i < e->nworkers; i++) {
+            free(cmds[i]);
+        }
+        listener_release(l);
+        snprintf(err, errlen, "engine is shut down");
+        return -1;
+    }
+    l->id = ++e->next_listener;
+    l->next = e->listeners;
+    e->listeners = l;
+    pthread_mutex_unlock(&e->ls_mu);
+    l->fd = cfg->fd; /* ours from here on: the caller must not close it any more */
+    atomic_store(&l->slots, e->nworkers + 1); /* + 1: ours until every command is out */
+    for (int i = 0; i < e->nworkers; i++) {
+        cmds[i]->op = CMD_LISTEN;
+        atomic_fetch_add(&l->refs, 1);
+        cmds[i]->l = l;
+        cmds[i]->fd = -1;
+        if (submit_to(&e->workers[i], cmds[i]) < 0) {
+            dispose(&e->workers[i], cmds[i]); /* drops its slot and reference */
+        }
+    }
+    listener_drop_slot(l);
+    *listener_id = l->id;
+    return 0;
+}
+
+/* The listener with this id (a new reference), or NULL. */
+static listener_t *
+listener_find(mp_engine *e, uint32_t id, int unlink)
+{
+    pthread_mutex_lock(&e->ls_mu);
+    listener_t *found = NULL;
+    for (listener_t **p = &e->listeners; *p; p = &(*p)->next) {
+        if ((*p)->id == id) {
+            found = *p;
+            if (unlink) {
+                *p = found->next; /* the list's reference passes to the caller */
+            } else {
+                atomic_fetch_add(&found->refs, 1);
+            }
+            break;
+        }
+    }
+    pthread_mutex_unlock(&e->ls_mu);
+    return found;
+}
+
+int
+mp_engine_listener_context(mp_engine *e, uint32_t listener_id, SSL_CTX *ctx, char *err,
+                           size_t errlen)
+{
+    listener_t *l = listener_find(e, listener_id, 0);
+    if (l == NULL) {
+        snprintf(err, errlen, "no such listener");
+        return -1;
+    }
+    SSL_CTX_up_ref(ctx);
+    pthread_mutex_lock(&l->mu);
+    SSL_CTX *old = l->ctx;
+    l->ctx = ctx;
+    pthread_mutex_unlock(&l->mu);
+    SSL_CTX_free(old);
+    listener_release(l);
+    return 0;
+}
+
+int
+mp_engine_unlisten(mp_engine *e, uint32_t listener_id, char *err, size_t errlen)
+{
+    (void)err, (void)errlen;
+    listener_t *l = listener_find(e, listener_id, 1);
+    if (l == NULL) {
+        return 0; /* already stopped */
+    }
+    for (int i = 0; i < e->nworkers; i++) {
+        cmd_t *cmd = calloc(1, sizeof *cmd);
+        if (cmd == NULL) {
+            continue; /* the worker keeps polling until the engine stops: no leak, no race */
+        }
+        cmd->op = CMD_UNLISTEN;
+        cmd->fd = -1;
+        atomic_fetch_add(&l->refs, 1);
+        cmd->l = l;
+        if (submit_to(&e->workers[i], cmd) < 0) {
+            dispose(&e->workers[i], cmd);
+        }
+    }
+    listener_release(l); /* the list's */
+    return 0;
+}
+
 mp_event *
 mp_engine_take_events(mp_engine *e)
 {
@@ -1382,6 +2079,8 @@ mp_engine_stats(const mp_engine *e, mp_stats *out)
         out->bytes_tls_to_app += GET(w->t2a);
         out->bytes_app_to_tls += GET(w->a2t);
         out->buffer_bytes += GET(w->buffer_bytes);
+        out->accepted += GET(w->accepted);
+        out->fast_path += GET(w->fast_path);
     }
 }
 
@@ -1390,6 +2089,11 @@ mp_engine_stop(mp_engine *e)
 {
     if (e->stopped || e->workers == NULL) {
         return;
+    }
+    if (e->ls_mu_ready) {
+        pthread_mutex_lock(&e->ls_mu); /* no listener may start once this is set */
+        e->stopped = 1;
+        pthread_mutex_unlock(&e->ls_mu);
     }
     e->stopped = 1;
     for (int i = 0; i < e->nworkers; i++) {
@@ -1432,6 +2136,14 @@ mp_engine_free(mp_engine *e)
         close_fd(&w->cmd_fd);
     }
     free(e->workers);
+    while (e->listeners) { /* every slot is gone with the workers: this frees them */
+        listener_t *l = e->listeners;
+        e->listeners = l->next;
+        listener_release(l);
+    }
+    if (e->ls_mu_ready) {
+        pthread_mutex_destroy(&e->ls_mu);
+    }
     if (e->ev_mu_ready) {
         pthread_mutex_destroy(&e->ev_mu);
     }

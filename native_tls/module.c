@@ -21,7 +21,7 @@
 #include "context.h"
 #include "engine.h"
 
-#define MESHPROXY_ENGINE_API 1
+#define MESHPROXY_ENGINE_API 2 /* 2: listeners accepted by the engine */
 #define ERR_MAX 256
 
 static PyObject *NativeError;
@@ -289,6 +289,116 @@ Engine_handshake(EngineObject *self, PyObject *args, PyObject *kwargs)
 }
 
 static PyObject *
+Engine_listen(EngineObject *self, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"fd",        "ctx",          "app_path", "trust_domain",
+                             "allowed",   "anonymous",    "handshake_timeout", NULL};
+    int fd, anonymous = 0;
+    ContextObject *ctx;
+    const char *app_path = NULL, *trust_domain = NULL;
+    PyObject *allowed = NULL;
+    double timeout = 10.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iO!|$zzOpd", kwlist, &fd, &ContextType, &ctx,
+                                     &app_path, &trust_domain, &allowed, &anonymous, &timeout)) {
+        return NULL;
+    }
+    if (fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "fd must not be negative");
+        return NULL;
+    }
+    if (!ctx->server) {
+        PyErr_SetString(PyExc_ValueError, "a listener needs a server context");
+        return NULL;
+    }
+    int mode = SSL_CTX_get_verify_mode(ctx->ctx);
+    int verifies = (mode & SSL_VERIFY_PEER) && (mode & SSL_VERIFY_FAIL_IF_NO_PEER_CERT);
+    if (!anonymous && !verifies) { /* fail closed: marbles only with a verified chain */
+        PyErr_SetString(PyExc_ValueError, "a listener for marbles needs a context that "
+                                          "verifies client certificates");
+        return NULL;
+    }
+    PyObject *empty = allowed == NULL ? PyTuple_New(0) : NULL;
+    if (allowed == NULL && empty == NULL) {
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(allowed ? allowed : empty, "allowed must be a sequence of str");
+    Py_XDECREF(empty);
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    const char **names = PyMem_Calloc((size_t)n + 1, sizeof *names);
+    if (names == NULL) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        names[i] = PyUnicode_Check(item) ? PyUnicode_AsUTF8(item) : NULL;
+        if (names[i] == NULL) {
+            PyMem_Free(names);
+            Py_DECREF(seq);
+            if (!PyErr_Occurred()) {
+                PyErr_SetString(PyExc_TypeError, "allowed must be a sequence of str");
+            }
+            return NULL;
+        }
+    }
+    mp_listener_config cfg = {
+        .fd = fd,
+        .ctx = ctx->ctx,
+        .app_path = app_path,
+        .trust_domain = trust_domain,
+        .allowed = names,
+        .nallowed = (size_t)n,
+        .anonymous = anonymous,
+        .handshake_timeout = timeout,
+    };
+    uint32_t id = 0;
+    char err[ERR_MAX] = "";
+    int rc = mp_engine_listen(self->engine, &cfg, &id, err, sizeof err);
+    PyMem_Free(names);
+    Py_DECREF(seq);
+    if (rc < 0) {
+        return raise_native(err);
+    }
+    return PyLong_FromUnsignedLong(id);
+}
+
+static PyObject *
+Engine_listener_context(EngineObject *self, PyObject *args)
+{
+    unsigned int id;
+    ContextObject *ctx;
+    if (!PyArg_ParseTuple(args, "IO!", &id, &ContextType, &ctx)) {
+        return NULL;
+    }
+    if (!ctx->server) {
+        PyErr_SetString(PyExc_ValueError, "a listener needs a server context");
+        return NULL;
+    }
+    char err[ERR_MAX] = "";
+    if (mp_engine_listener_context(self->engine, id, ctx->ctx, err, sizeof err) < 0) {
+        return raise_native(err);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Engine_unlisten(EngineObject *self, PyObject *args)
+{
+    unsigned int id;
+    if (!PyArg_ParseTuple(args, "I", &id)) {
+        return NULL;
+    }
+    char err[ERR_MAX] = "";
+    if (mp_engine_unlisten(self->engine, id, err, sizeof err) < 0) {
+        return raise_native(err);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 Engine_relay(EngineObject *self, PyObject *args)
 {
     unsigned long long conn_id;
@@ -338,7 +448,7 @@ event_object(const mp_event *ev)
     if (item == NULL) {
         return NULL;
     }
-    PyObject *fields[9] = {
+    PyObject *fields[14] = {
         PyLong_FromUnsignedLongLong(ev->conn_id),
         PyLong_FromLong(ev->kind),
         optional_str(ev->reason),
@@ -351,9 +461,14 @@ event_object(const mp_event *ev)
         optional_str(ev->cipher),
         PyLong_FromUnsignedLongLong(ev->tls_to_app),
         PyLong_FromUnsignedLongLong(ev->app_to_tls),
+        PyLong_FromUnsignedLong(ev->listener),
+        PyBool_FromLong(ev->relaying),
+        optional_str(ev->remote),
+        optional_str(ev->peer_id),
+        optional_str(ev->peer_uuid),
     };
     int ok = 1;
-    for (int i = 0; i < 9; i++) {
+    for (int i = 0; i < 14; i++) {
         if (fields[i] == NULL) {
             ok = 0;
             fields[i] = Py_NewRef(Py_None);
@@ -392,11 +507,12 @@ Engine_stats(EngineObject *self, PyObject *Py_UNUSED(ignored))
 {
     mp_stats s;
     mp_engine_stats(self->engine, &s);
-    return Py_BuildValue("{s:i,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "threads",
+    return Py_BuildValue("{s:i,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "threads",
                          mp_engine_threads(self->engine), "active", s.active, "handshakes",
                          s.handshakes, "handshake_failures", s.handshake_failures, "closed",
                          s.closed, "bytes_tls_to_app", s.bytes_tls_to_app, "bytes_app_to_tls",
-                         s.bytes_app_to_tls, "buffer_bytes", s.buffer_bytes);
+                         s.bytes_app_to_tls, "buffer_bytes", s.buffer_bytes, "accepted",
+                         s.accepted, "fast_path", s.fast_path);
 }
 
 static PyObject *
@@ -419,6 +535,14 @@ static PyMethodDef Engine_methods[] = {
     {"handshake", (PyCFunction)(void (*)(void))Engine_handshake, METH_VARARGS | METH_KEYWORDS,
      "handshake(fd, ctx, server_side, sni=None) -> int\n\nHand a connected TCP socket to a "
      "worker and start TLS; returns the connection id. On success the engine owns fd."},
+    {"listen", (PyCFunction)(void (*)(void))Engine_listen, METH_VARARGS | METH_KEYWORDS,
+     "listen(fd, ctx, *, app_path=None, trust_domain=None, allowed=(), anonymous=False, "
+     "handshake_timeout=10.0) -> int\n\nAccept on a listening TCP socket in the workers; "
+     "returns the listener id. On success the engine owns fd."},
+    {"listener_context", (PyCFunction)Engine_listener_context, METH_VARARGS,
+     "listener_context(listener_id, ctx) -> None\n\nNew connections of the listener use ctx."},
+    {"unlisten", (PyCFunction)Engine_unlisten, METH_VARARGS,
+     "unlisten(listener_id) -> None\n\nStop accepting and close the listening socket."},
     {"relay", (PyCFunction)Engine_relay, METH_VARARGS,
      "relay(conn_id, fd) -> None\n\nRelay the connection to the app's Unix socket fd. On "
      "success the engine owns fd (and closes it if the connection already ended)."},
@@ -453,7 +577,7 @@ static PyTypeObject EngineType = {
 /* -- module -------------------------------------------------------------------------------- */
 static PyStructSequence_Field event_fields[] = {
     {"conn_id", "the connection"},
-    {"kind", "HANDSHAKE, HANDSHAKE_FAILED or CLOSED"},
+    {"kind", "ACCEPTED, HANDSHAKE, HANDSHAKE_FAILED or CLOSED"},
     {"reason", "final events: why it ended (None: both directions reached EOF)"},
     {"peer_cert", "HANDSHAKE: the peer's leaf certificate (DER), or None"},
     {"alpn", "HANDSHAKE: the negotiated ALPN protocol, or None"},
@@ -461,6 +585,11 @@ static PyStructSequence_Field event_fields[] = {
     {"cipher", "HANDSHAKE: the cipher suite"},
     {"tls_to_app", "CLOSED: plaintext bytes delivered to the app"},
     {"app_to_tls", "CLOSED: plaintext bytes taken from the app into TLS"},
+    {"listener", "the engine's listener that accepted it (0: handed over by handshake())"},
+    {"relaying", "HANDSHAKE: identity checked and app connected by the engine; relaying"},
+    {"remote", "listener connections: the peer's host:port"},
+    {"peer_id", "HANDSHAKE with relaying: the peer's SPIFFE ID (None: anonymous)"},
+    {"peer_uuid", "HANDSHAKE with relaying: the peer's instance UUID, or None"},
     {NULL, NULL},
 };
 
@@ -468,7 +597,7 @@ static PyStructSequence_Desc event_desc = {
     "meshproxy._native_tls.Event",
     "What the engine reports about a connection.",
     event_fields,
-    9,
+    14,
 };
 
 static PyObject *
@@ -518,6 +647,7 @@ native_tls_exec(PyObject *module)
         PyModule_AddIntConstant(module, "HANDSHAKE", MP_EV_HANDSHAKE) < 0 ||
         PyModule_AddIntConstant(module, "HANDSHAKE_FAILED", MP_EV_HANDSHAKE_FAILED) < 0 ||
         PyModule_AddIntConstant(module, "CLOSED", MP_EV_CLOSED) < 0 ||
+        PyModule_AddIntConstant(module, "ACCEPTED", MP_EV_ACCEPTED) < 0 ||
         PyModule_AddObjectRef(module, "NativeError", NativeError) < 0 ||
         PyModule_AddObjectRef(module, "Event", (PyObject *)EventType) < 0 ||
         PyModule_AddObjectRef(module, "Context", (PyObject *)&ContextType) < 0 ||

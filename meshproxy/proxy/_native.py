@@ -1,11 +1,20 @@
 """``protocol: tcp`` listeners on the native engine: Python decides, C moves the bytes.
 
-Per connection Python accepts (inbound) or dials (outbound) the TCP socket and hands it
-to the engine, which runs the handshake on a worker thread (a client's ClientHello
-leaves at once). Python then checks the peer's identity (``pki.check_peer``), opens or
-passes the app's Unix socket, and hands that over too; from there the worker relays
-both ways, with half-close and back-pressure, until its final event, which becomes the
-same one log line per connection as on the Python backend (``_inbound``/``_outbound``).
+Inbound, the engine's worker threads accept on the listening socket themselves, run the
+handshake, and for the common case (a peer whose SPIFFE ID is exactly one of the allowed
+marble types of our trust domain, or any client of a public listener; the app accepting
+at once) check the identity and connect the app's Unix socket in C and relay. Python
+hears of such a connection twice: when it is relayed (the "inbound accepted" line and
+the metrics) and when it ends (the "inbound closed" line). Anything else (an identity C
+does not positively recognise, an app that does not accept at once, a PROXY header to
+send first) comes to Python as a handshaken session, which ``pki.check_peer`` and the
+rest of this module decide as before: C only takes the positive shortcut (fail closed).
+
+Outbound, Python accepts the app's connection and dials the upstream, hands the TCP
+socket to the engine (a client's ClientHello leaves at once), checks the identity and
+hands the app's socket over too. Either way the worker relays both ways, with half-close
+and back-pressure, until its final event, which becomes the same one log line per
+connection as on the Python backend (``_inbound``/``_outbound``).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,10 +40,9 @@ from meshproxy.proxy._metrics import Connection, ProxyMetrics
 from meshproxy.proxy._outbound import OutboundSpec
 from meshproxy.proxy._relay import ConnectionSet, bind_unix_socket
 from meshproxy.tls import NativeEngine, NativeSession
-from meshproxy.tls._native import format_address
 
 if TYPE_CHECKING:
-    from meshproxy._native_tls import Context
+    from meshproxy._native_tls import Context, Event
 
 log_in = logging.getLogger("meshproxy.proxy.inbound")
 log_out = logging.getLogger("meshproxy.proxy.outbound")
@@ -128,11 +137,23 @@ async def _connect_unix(path: Path) -> socket.socket:
 
 
 def _count(
-    metrics: ProxyMetrics | None, direction: str, listener: str, peer: PeerIdentity | None
+    metrics: ProxyMetrics | None, direction: str, listener: str, peer: PeerIdentity | str | None
 ) -> Connection | None:
     if metrics is None:
         return None
-    return metrics.connection(direction, listener, peer.spiffe_id if peer else "")
+    peer_id = peer.spiffe_id if isinstance(peer, PeerIdentity) else peer or ""
+    return metrics.connection(direction, listener, peer_id)
+
+
+@dataclass
+class _Accepted:
+    """A connection the engine accepted, from its ACCEPTED event to its final one (or to
+    Python taking it over)."""
+
+    ended: asyncio.Future[None]  # what its stand-in in the ConnectionSet waits for
+    fields: dict[str, object]
+    counted: Connection | None = None
+    started: float = 0.0
 
 
 def _close_app(app: socket.socket) -> None:
@@ -146,7 +167,7 @@ def _close_app(app: socket.socket) -> None:
 
 
 class NativeInboundListener:
-    """Inbound TLS on a TCP port -> the app's Unix socket, relayed by the engine."""
+    """Inbound TLS on a TCP port -> the app's Unix socket, accepted and relayed by the engine."""
 
     def __init__(
         self,
@@ -161,12 +182,17 @@ class NativeInboundListener:
         self._engine = engine
         self._connections = connections
         self._metrics = metrics
-        self._acceptor = _Acceptor(spec.name, self._accepted)
         self._port = spec.port
+        self._listener: int | None = None
+        self._accepted: dict[int, _Accepted] = {}
+        kinds = engine.module
+        self._kinds = (kinds.ACCEPTED, kinds.HANDSHAKE, kinds.HANDSHAKE_FAILED)
 
     def set_context(self, ctx: Context) -> None:
         """Rotation: new connections use ``ctx``; open ones keep the context they have."""
         self._ctx = ctx
+        if self._listener is not None:
+            self._engine.listener_context(self._listener, ctx)
 
     async def start(self) -> tuple[str, int]:
         """Listen; returns the address actually bound."""
@@ -191,24 +217,78 @@ class NativeInboundListener:
                 f"inbound {spec.name}: cannot listen on {spec.host}:{spec.port}: "
                 f"{exc.strerror or exc}"
             ) from None
-        self._acceptor.watch(sock)
         host, port = sock.getsockname()[:2]
+        marbles = spec.clients == "marbles"
+        try:
+            self._listener = self._engine.listen(
+                sock, self._ctx, self._event,
+                app_path=None if spec.proxy_protocol else str(spec.app_socket),
+                trust_domain=spec.trust_domain if marbles else None,
+                allowed=spec.allow if marbles else (), handshake_timeout=spec.handshake_timeout,
+            )  # fmt: skip
+        except MeshError as exc:
+            sock.close()
+            raise MeshError(f"inbound {spec.name}: {exc}") from None
         self._port = int(port)
         return str(host), int(port)
 
     def stop_accepting(self) -> None:
-        self._acceptor.close()
-
-    def _accepted(self, conn: socket.socket, addr: object) -> None:
-        try:
-            remote = format_address(addr)
-            session = self._engine.handshake(conn, self._ctx, server_side=True, remote=remote)
-        except MeshError as exc:  # the engine is shutting down; the socket is closed
-            log_in.warning("inbound dropped", extra={"event": "inbound.refused",
-                                                     "listener": self.spec.name,
-                                                     "reason": str(exc)})  # fmt: skip
+        """No new connections; the open ones are waited for by ``connections.drain``."""
+        if self._listener is None:
             return
-        self._connections.spawn(self._serve(session))
+        listener, self._listener = self._listener, None
+        self._engine.unlisten(listener)
+
+    async def _stand_in(self, conn_id: int, ended: asyncio.Future[None]) -> None:
+        """An engine's connection in the ConnectionSet: done when it ends (or Python takes
+        it over); cancelled (the end of a drain's grace period), it ends the connection."""
+        try:
+            await ended
+        except asyncio.CancelledError:
+            self._engine.close(conn_id, "shutdown")
+            raise
+
+    def _event(self, event: Event) -> None:
+        """An event of one of our connections that no session claims (see NativeEngine)."""
+        accepted, handshake, failed = self._kinds
+        spec = self.spec
+        if event.kind == accepted:
+            ended = asyncio.get_running_loop().create_future()
+            fields: dict[str, object] = {"listener": spec.name, "remote": event.remote or "?"}
+            self._accepted[event.conn_id] = _Accepted(ended, fields)
+            self._connections.spawn(self._stand_in(event.conn_id, ended))
+            return
+        conn = self._accepted.get(event.conn_id)
+        if conn is None:
+            return
+        if event.kind == handshake and event.relaying:
+            fields = conn.fields
+            if spec.clients == "marbles":
+                fields |= {"peer": event.peer_id, "peer_uuid": event.peer_uuid}
+            else:
+                fields["peer"] = "anonymous"
+            log_in.info("inbound accepted", extra={"event": "inbound.accept", **fields})
+            conn.counted = _count(self._metrics, "inbound", spec.name, event.peer_id)
+            conn.started = time.monotonic()
+            return
+        del self._accepted[event.conn_id]
+        if not conn.ended.done():  # cancelled with its stand-in at the end of a drain
+            conn.ended.set_result(None)
+        if event.kind == handshake:  # for Python to decide: the same path as before
+            self._connections.spawn(self._serve(self._engine.adopt(event)))
+        elif event.kind == failed:
+            self._refuse(conn.fields, f"TLS handshake failed: {event.reason or 'handshake failed'}")
+        else:
+            if conn.counted is not None:
+                ok = event.reason is None
+                conn.counted.closed(event.tls_to_app, event.app_to_tls, ok=ok)
+            log_in.info(
+                "inbound closed",
+                extra={"event": "inbound.close", "bytes_in": event.tls_to_app,
+                       "bytes_out": event.app_to_tls, "reason": event.reason or "eof",
+                       "duration_ms": round((time.monotonic() - conn.started) * 1000),
+                       **conn.fields},
+            )  # fmt: skip
 
     async def _serve(self, session: NativeSession) -> None:
         try:

@@ -9,6 +9,10 @@ engine's eventfd is a loop reader, and each batch of events resolves the futures
 resolves). A socket is handed over with ``detach()`` only after the engine accepted it,
 so every fd has exactly one owner that closes it.
 
+A listening socket can be handed over too (``listen``): the workers accept on it, and
+the events of its connections go to the listener's handler, which either takes note of
+a connection the engine already relays (``relaying``) or ``adopt``s it as a session.
+
 Native failures arrive as ``NativeError`` and become ``MeshError``s in ``_translate``,
 and nowhere else.
 """
@@ -20,7 +24,7 @@ import contextlib
 import importlib
 import os
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -38,6 +42,7 @@ DISABLE_ENV = "MESHPROXY_NATIVE_MODULE_DISABLE"  # "1": behave as if the module 
 # read-ahead, TLS records gathered into one send() (app->TLS +10 %). Idle sessions give
 # OpenSSL's buffers back (SSL_MODE_RELEASE_BUFFERS): 5-10 % of bulk throughput traded for
 # no per-connection buffer memory at rest, which an enclave's EPC needs more.
+ENGINE_API = 2  # engine listeners (accept, identity and app connect in C)
 BUFFER_SIZE = 128 * 1024
 READ_BUFFER_SIZE = 64 * 1024
 
@@ -53,9 +58,10 @@ def load() -> ModuleType:
             f"meshproxy._native_tls is not built or does not load ({exc}); "
             "install meshproxy with pip to compile it"
         ) from None
-    if _native_tls.ENGINE_API < 1:
+    if _native_tls.ENGINE_API < ENGINE_API:
         raise NativeUnavailable(
-            f"meshproxy._native_tls has no relay engine (ENGINE_API {_native_tls.ENGINE_API})"
+            f"meshproxy._native_tls is out of date (ENGINE_API {_native_tls.ENGINE_API}, "
+            f"need {ENGINE_API}); rebuild it with pip"
         )
     return _native_tls
 
@@ -197,6 +203,7 @@ class NativeEngine:
         self._kinds = (native.HANDSHAKE, native.HANDSHAKE_FAILED, native.CLOSED)
         self._loop = asyncio.get_running_loop()
         self._sessions: dict[int, NativeSession] = {}
+        self._listeners: dict[int, Callable[[Event], None]] = {}
         self._closing = False
         self._loop.add_reader(self.native.fileno(), self._dispatch)
 
@@ -236,6 +243,54 @@ class NativeEngine:
         self._sessions[conn_id] = session
         return session
 
+    def listen(
+        self,
+        sock: socket.socket,
+        ctx: Context,
+        handler: Callable[[Event], None],
+        *,
+        app_path: str | None,
+        trust_domain: str | None,
+        allowed: Sequence[str],
+        handshake_timeout: float,
+    ) -> int:
+        """Hand a bound, listening socket to the workers; returns the listener id.
+
+        ``trust_domain`` None: clients are anonymous (public). ``app_path`` None: the
+        engine never connects the app itself. Every event of the listener's connections
+        that no session claims goes to ``handler``.
+        """
+        if self._closing:
+            raise ConnectError("native TLS engine is shutting down")
+        with _translate("listen", self.module):
+            lid: int = self.native.listen(
+                sock.fileno(), ctx, app_path=app_path, trust_domain=trust_domain,
+                allowed=tuple(allowed), anonymous=trust_domain is None,
+                handshake_timeout=handshake_timeout,
+            )  # fmt: skip
+        sock.detach()
+        self._listeners[lid] = handler
+        return lid
+
+    def listener_context(self, listener_id: int, ctx: Context) -> None:
+        """Rotation: the listener's new connections use ``ctx``."""
+        with _translate("listen", self.module):
+            self.native.listener_context(listener_id, ctx)
+
+    def unlisten(self, listener_id: int) -> None:
+        """Stop accepting (the engine closes the socket); open connections go on."""
+        if not self._closing:
+            with _translate("listen", self.module):
+                self.native.unlisten(listener_id)
+
+    def adopt(self, event: Event) -> NativeSession:
+        """A listener's connection the engine left to us (its HANDSHAKE event, not
+        relaying): a session whose handshake is done, waiting for relay() or close()."""
+        session = NativeSession(self, event.conn_id, event.remote or "?")
+        session._handshook(_handshake_of(event))
+        self._sessions[event.conn_id] = session
+        return session
+
     def close(self, conn_id: int, reason: str) -> None:
         if self._closing:
             return  # shutting down: every session ends anyway
@@ -259,6 +314,9 @@ class NativeEngine:
         for event in self.native.events():
             session = self._sessions.get(event.conn_id)
             if session is None:
+                handler = self._listeners.get(event.listener)
+                if handler is not None:
+                    handler(event)
                 continue
             if event.kind == handshake:
                 session._handshook(_handshake_of(event))
