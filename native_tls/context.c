@@ -6,11 +6,22 @@
  * unless configured (a ticket would outlive a certificate rotation), the intermediate is a
  * trust anchor (partial chain), and the client does not check host names: the caller
  * checks the marble identity in the peer certificate after the handshake.
+ *
+ * Verified-chain cache: a mesh peer presents the same chain on every connection, and
+ * building and verifying it (an ECDSA verify per signature, the store lookups) is a
+ * tenth of a server handshake. A context that verifies peers remembers the chains it
+ * verified: the key is a SHA-256 over the DER of every certificate the peer presented,
+ * in order; the cache lives in the SSL_CTX, so a new trust store (rotation) starts empty;
+ * a hit still checks that now lies within every certificate's validity. Only successes
+ * are remembered: a chain that failed is verified (and fails) again. The handshake's
+ * CertificateVerify is checked by TLS against the leaf's key either way.
  */
 #include "context.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include <openssl/err.h>
 #include <openssl/pem.h>
@@ -18,6 +29,159 @@
 #include <openssl/x509_vfy.h>
 
 static int alpn_index = -1;
+static int vcache_index = -1;
+static EVP_MD *sha256; /* fetched once: an implicit fetch per digest takes provider locks */
+
+#define VCACHE_SLOTS 64
+
+typedef struct {
+    unsigned char key[32];
+    time_t not_before, not_after; /* the latest notBefore, the earliest notAfter of the chain */
+    int used;
+} vcache_entry;
+
+typedef struct {
+    pthread_mutex_t mu;
+    unsigned next; /* round-robin replacement */
+    vcache_entry slot[VCACHE_SLOTS];
+} vcache;
+
+static void
+vcache_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp)
+{
+    (void)parent, (void)ad, (void)idx, (void)argl, (void)argp;
+    vcache *vc = ptr;
+    if (vc != NULL) {
+        pthread_mutex_destroy(&vc->mu);
+        OPENSSL_free(vc);
+    }
+}
+
+/* SHA-256 over the presented chain (length-prefixed DER of each certificate). */
+static int
+chain_key(X509_STORE_CTX *sctx, unsigned char key[32])
+{
+    STACK_OF(X509) *chain = X509_STORE_CTX_get0_untrusted(sctx);
+    X509 *leaf = X509_STORE_CTX_get0_cert(sctx);
+    EVP_MD_CTX *md = EVP_MD_CTX_new();
+    int ok = md != NULL && leaf != NULL && EVP_DigestInit_ex(md, sha256, NULL) == 1;
+    int n = chain ? sk_X509_num(chain) : 0;
+    for (int i = -1; ok && i < n; i++) { /* the leaf first, then what came with it */
+        X509 *x = i < 0 ? leaf : sk_X509_value(chain, i);
+        unsigned char *der = NULL;
+        int len = i2d_X509(x, &der);
+        unsigned char prefix[4] = {(unsigned char)(len >> 24), (unsigned char)(len >> 16),
+                                   (unsigned char)(len >> 8), (unsigned char)len};
+        ok = len > 0 && EVP_DigestUpdate(md, prefix, sizeof prefix) == 1 &&
+             EVP_DigestUpdate(md, der, (size_t)len) == 1;
+        OPENSSL_free(der);
+    }
+    unsigned int out = 0;
+    ok = ok && EVP_DigestFinal_ex(md, key, &out) == 1 && out == 32;
+    EVP_MD_CTX_free(md);
+    return ok ? 0 : -1;
+}
+
+static int
+asn1_time(const ASN1_TIME *t, time_t *out)
+{
+    struct tm tm;
+    if (t == NULL || ASN1_TIME_to_tm(t, &tm) != 1) {
+        return -1;
+    }
+    *out = timegm(&tm);
+    return 0;
+}
+
+/* The validity window shared by every certificate of a verified chain. */
+static int
+chain_window(X509_STORE_CTX *sctx, time_t *not_before, time_t *not_after)
+{
+    STACK_OF(X509) *chain = X509_STORE_CTX_get0_chain(sctx);
+    if (chain == NULL || sk_X509_num(chain) == 0) {
+        return -1;
+    }
+    for (int i = 0; i < sk_X509_num(chain); i++) {
+        X509 *x = sk_X509_value(chain, i);
+        time_t nb, na;
+        if (asn1_time(X509_get0_notBefore(x), &nb) < 0 ||
+            asn1_time(X509_get0_notAfter(x), &na) < 0) {
+            return -1;
+        }
+        if (i == 0 || nb > *not_before) {
+            *not_before = nb;
+        }
+        if (i == 0 || na < *not_after) {
+            *not_after = na;
+        }
+    }
+    return 0;
+}
+
+/* SSL_CTX_set_cert_verify_callback: X509_verify_cert, unless this chain verified before. */
+static int
+cached_verify(X509_STORE_CTX *sctx, void *arg)
+{
+    vcache *vc = arg;
+    unsigned char key[32];
+    int keyed = chain_key(sctx, key) == 0;
+    time_t now = time(NULL);
+    if (keyed) {
+        int hit = 0;
+        pthread_mutex_lock(&vc->mu);
+        for (int i = 0; i < VCACHE_SLOTS; i++) {
+            const vcache_entry *e = &vc->slot[i];
+            if (e->used && memcmp(e->key, key, sizeof key) == 0) {
+                hit = now >= e->not_before && now <= e->not_after;
+                break;
+            }
+        }
+        pthread_mutex_unlock(&vc->mu);
+        if (hit) {
+            X509_STORE_CTX_set_error(sctx, X509_V_OK);
+            return 1;
+        }
+    }
+    int ok = X509_verify_cert(sctx);
+    time_t nb = 0, na = 0;
+    if (ok == 1 && keyed && chain_window(sctx, &nb, &na) == 0) {
+        pthread_mutex_lock(&vc->mu);
+        vcache_entry *e = NULL;
+        for (int i = 0; i < VCACHE_SLOTS && e == NULL; i++) {
+            if (vc->slot[i].used && memcmp(vc->slot[i].key, key, sizeof key) == 0) {
+                e = &vc->slot[i]; /* expired, or verified by two workers at once */
+            }
+        }
+        if (e == NULL) {
+            e = &vc->slot[vc->next];
+            vc->next = (vc->next + 1) % VCACHE_SLOTS;
+        }
+        memcpy(e->key, key, sizeof key);
+        e->not_before = nb;
+        e->not_after = na;
+        e->used = 1;
+        pthread_mutex_unlock(&vc->mu);
+    }
+    return ok;
+}
+
+static int
+enable_vcache(SSL_CTX *ctx, char *err, size_t errlen)
+{
+    vcache *vc = OPENSSL_zalloc(sizeof *vc);
+    if (vc == NULL || pthread_mutex_init(&vc->mu, NULL) != 0) {
+        OPENSSL_free(vc);
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    if (SSL_CTX_set_ex_data(ctx, vcache_index, vc) != 1) {
+        vcache_free(NULL, vc, NULL, 0, 0, NULL);
+        mp_openssl_error("out of memory", err, errlen);
+        return -1;
+    }
+    SSL_CTX_set_cert_verify_callback(ctx, cached_verify, vc);
+    return 0;
+}
 
 typedef struct {
     size_t len;
@@ -37,7 +201,13 @@ mp_context_global_init(void)
     if (alpn_index < 0) {
         alpn_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, alpn_free);
     }
-    return alpn_index < 0 ? -1 : 0;
+    if (vcache_index < 0) {
+        vcache_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, vcache_free);
+    }
+    if (sha256 == NULL) {
+        sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
+    }
+    return alpn_index < 0 || vcache_index < 0 || sha256 == NULL ? -1 : 0;
 }
 
 void
@@ -259,6 +429,9 @@ mp_context_new(const mp_context_config *cfg, char *err, size_t errlen)
         goto fail;
     }
     if (cfg->trust_pem != NULL && load_trust(ctx, cfg, err, errlen) < 0) {
+        goto fail;
+    }
+    if (cfg->verify_peer && enable_vcache(ctx, err, errlen) < 0) {
         goto fail;
     }
     if (set_alpn(ctx, cfg, err, errlen) < 0) {
