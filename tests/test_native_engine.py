@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 import uvloop
 import yaml
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from meshproxy import pki
@@ -591,6 +592,176 @@ def test_session_tickets_are_sent_only_when_configured(
         writer.close()
         ours.close()
         listener.close()
+
+    run(scenario)
+
+
+# -- engine listeners: accept, identity and app connect in C ------------------------------
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+def logged(caplog: pytest.LogCaptureFixture, event: str) -> list[Any]:
+    return [r for r in caplog.records if getattr(r, "event", "") == event]
+
+
+def peer_uuid(identity: TLSIdentity) -> str:
+    cert = pki.cert_from_pem(identity.chain_pem)
+    uuid_uri = next(
+        u for u in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        .value.get_values_for_type(x509.UniformResourceIdentifier)
+        if u.startswith("urn:uuid:")
+    )  # fmt: skip
+    return uuid_uri.removeprefix("urn:uuid:")
+
+
+def test_the_engine_accepts_checks_and_relays_an_allowed_marble_itself(
+    ids: dict[str, TLSIdentity], workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario(scene: Scene) -> None:
+        await scene.app(workdir / "app.sock", echo)
+        _, port = await scene.inbound(workdir, ids["backend"])
+        reader, writer = await tls_client(port, ids["frontend"])
+        writer.write(b"ping")
+        assert await reader.readexactly(4) == b"ping"
+        stats = scene.engine.stats()
+        assert (stats["accepted"], stats["fast_path"]) == (1, 1)  # decided in C
+        writer.close()
+        await eventually(lambda: bool(logged(caplog, "inbound.close")), "the close line")
+
+    caplog.set_level("INFO", "meshproxy")
+    run(scenario)
+    (accepted,) = logged(caplog, "inbound.accept")
+    assert accepted.peer == f"spiffe://{DOMAIN}/marble/frontend"
+    assert accepted.peer_uuid == peer_uuid(ids["frontend"])
+    assert accepted.remote.startswith("127.0.0.1:")
+    (closed,) = logged(caplog, "inbound.close")
+    assert (closed.peer, closed.bytes_in, closed.bytes_out) == (accepted.peer, 4, 4)
+
+
+def test_a_marble_type_c_does_not_allow_is_refused_by_pki_check_peer(
+    ids: dict[str, TLSIdentity], workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """C takes only the positive shortcut: the rest goes to Python, which refuses it."""
+
+    async def scenario(scene: Scene) -> None:
+        await scene.app(workdir / "app.sock", echo)
+        _, port = await scene.inbound(workdir, ids["backend"])  # allows frontend only
+        reader, writer = await tls_client(port, ids["backend-2"])
+        with contextlib.suppress(ssl.SSLError, ConnectionError):
+            assert await reader.read() == b""
+        writer.close()
+        assert scene.engine.stats()["fast_path"] == 0
+
+    caplog.set_level("INFO", "meshproxy")
+    run(scenario)
+    (refused,) = logged(caplog, "inbound.refused")
+    assert "(marble type 'backend') is not allowed here (allowed: frontend)" in refused.reason
+    assert not logged(caplog, "inbound.accept")
+
+
+def test_a_public_listener_relays_anonymous_clients_in_c(
+    ids: dict[str, TLSIdentity], workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario(scene: Scene) -> None:
+        await scene.app(workdir / "app.sock", echo)
+        _, port = await scene.inbound(workdir, ids["backend"], clients="public")
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client)
+        writer.write(b"hello")
+        assert await reader.readexactly(5) == b"hello"
+        assert scene.engine.stats()["fast_path"] == 1
+        writer.close()
+
+    caplog.set_level("INFO", "meshproxy")
+    run(scenario)
+    assert logged(caplog, "inbound.accept")[0].peer == "anonymous"
+
+
+def test_an_engine_listener_drops_a_silent_client_at_its_handshake_timeout(
+    ids: dict[str, TLSIdentity], workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario(scene: Scene) -> None:
+        spec = InboundSpec("api", "127.0.0.1", 0, "marbles", ("frontend",), DOMAIN,
+                           workdir / "app.sock", handshake_timeout=0.3)  # fmt: skip
+        ctx = native_server_context(ids["backend"], client_auth=True)
+        listener = NativeInboundListener(spec, ctx, scene.engine, scene.connections)
+        _, port = await listener.start()
+        scene.closers.append(listener)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the proxy
+        assert 0.25 < loop.time() - started < 3
+        writer.close()
+        await eventually(lambda: bool(logged(caplog, "inbound.refused")), "the refusal")
+
+    caplog.set_level("INFO", "meshproxy")
+    run(scenario)
+    (refused,) = logged(caplog, "inbound.refused")
+    assert refused.reason == "TLS handshake failed: TLS handshake timed out"
+
+
+def test_stop_accepting_closes_the_port_and_open_connections_go_on(
+    ids: dict[str, TLSIdentity], workdir: Path
+) -> None:
+    async def scenario(scene: Scene) -> None:
+        await scene.app(workdir / "app.sock", echo)
+        listener, port = await scene.inbound(workdir, ids["backend"])
+        reader, writer = await tls_client(port, ids["frontend"])
+        writer.write(b"one")
+        assert await reader.readexactly(3) == b"one"
+        listener.stop_accepting()
+
+        async def refused() -> bool:
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+            except ConnectionRefusedError:
+                return True
+            w.close()
+            return False
+
+        deadline = asyncio.get_running_loop().time() + 5
+        while not await refused():
+            assert asyncio.get_running_loop().time() < deadline, "the port stays open"
+            await asyncio.sleep(0.02)
+        writer.write(b"two")
+        assert await reader.readexactly(3) == b"two"  # the open connection goes on
+        assert len(scene.connections) == 1  # and counts for the drain
+        writer.close()
+
+    run(scenario)
+
+
+def test_a_verified_chain_is_remembered_per_trust_store_and_failures_never(
+    ca: Pki, ids: dict[str, TLSIdentity], workdir: Path
+) -> None:
+    """The verified-chain cache: a chain that failed fails again; one that verified is
+    refused once the listener trusts another intermediate (a new context, a new cache)."""
+
+    async def connects(port: int, who: TLSIdentity) -> bool:
+        reader, writer = await tls_client(port, who)
+        writer.write(b"?")
+        try:
+            return await asyncio.wait_for(reader.read(1), 5) == b"?"
+        except (ssl.SSLError, ConnectionError):
+            return False
+        finally:
+            writer.close()
+
+    async def scenario(scene: Scene) -> None:
+        await scene.app(workdir / "app.sock", echo)
+        listener, port = await scene.inbound(workdir, ids["backend"])
+        assert [await connects(port, ids["foreign"]) for _ in range(2)] == [False, False]
+        assert [await connects(port, ids["frontend"]) for _ in range(2)] == [True, True]
+        backend = ids["backend"]
+        other = TLSIdentity(backend.chain_pem, backend.key_pem, pki.cert_to_pem(ca.foreign.cert))
+        listener.set_context(native_server_context(other, client_auth=True))
+        assert await connects(port, ids["frontend"]) is False
 
     run(scenario)
 
