@@ -34,10 +34,13 @@ import uvloop
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from prometheus_client.parser import text_string_to_metric_families
 
 from meshproxy import pki
 from meshproxy.errors import NativeUnavailable, PKIError
 from meshproxy.proxy import ConnectionSet, InboundSpec, OutboundSpec
+from meshproxy.proxy._admin import AdminServer
+from meshproxy.proxy._metrics import ProxyMetrics
 from meshproxy.proxy._native import NativeInboundListener, NativeOutboundListener
 from meshproxy.tls import (
     NativeEngine,
@@ -764,6 +767,62 @@ def test_a_verified_chain_is_remembered_per_trust_store_and_failures_never(
         assert await connects(port, ids["frontend"]) is False
 
     run(scenario)
+
+
+def test_the_engine_counters_are_on_the_metrics_endpoint_after_traffic(
+    ids: dict[str, TLSIdentity], workdir: Path
+) -> None:
+    scraped: dict[str, float] = {}
+
+    async def scenario(scene: Scene) -> None:
+        metrics = ProxyMetrics(tls_backend="native", process=False)
+        admin = AdminServer(workdir / "admin.sock", ready=lambda: True, metrics=metrics)
+        await admin.start()
+        try:
+            await traffic_then_scrape(scene, metrics, workdir / "admin.sock")
+        finally:
+            await admin.close()
+
+    async def traffic_then_scrape(scene: Scene, metrics: ProxyMetrics, admin: Path) -> None:
+        await scene.app(workdir / "app.sock", echo)
+        spec = InboundSpec(
+            "api", "127.0.0.1", 0, "marbles", ("frontend",), DOMAIN, workdir / "app.sock"
+        )
+        ctx = native_server_context(ids["backend"], client_auth=True)
+        listener = NativeInboundListener(spec, ctx, scene.engine, scene.connections, metrics)
+        _, port = await listener.start()
+        scene.closers.append(listener)
+        reader, writer = await tls_client(port, ids["frontend"])
+        writer.write(b"x" * 1000)
+        assert await reader.readexactly(1000) == b"x" * 1000
+        writer.close()
+        await eventually(lambda: scene.engine.stats()["closed"] == 1, "the close")
+        r, w = await asyncio.open_unix_connection(str(admin))
+        w.write(b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n")
+        head, _, body = (await r.read()).partition(b"\r\n\r\n")
+        w.close()
+        assert head.startswith(b"HTTP/1.1 200")
+        for family in text_string_to_metric_families(body.decode()):
+            for sample in family.samples:
+                scraped[sample.name] = sample.value
+
+    run(scenario)
+    engine = {k.removeprefix("meshproxy_tls_engine_"): v for k, v in scraped.items()
+              if k.startswith("meshproxy_tls_engine_")}  # fmt: skip
+    assert engine == {
+        "threads": 2.0,
+        "open_connections": 0.0,
+        "accept_total": 1.0,
+        "fast_path_total": 1.0,
+        "handshake_total": 1.0,
+        "handshake_failure_total": 0.0,
+        "close_total": 1.0,
+        "read_bytes_total": 1000.0,
+        "write_bytes_total": 1000.0,
+        "buffer_bytes": engine["buffer_bytes"],
+    }
+    assert engine["buffer_bytes"] > 0  # the pooled relay buffers
+    assert scraped["tcp_read_bytes_total"] == 1000.0  # and the per-connection series
 
 
 # -- contexts -------------------------------------------------------------------------------

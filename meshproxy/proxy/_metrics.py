@@ -14,11 +14,23 @@ label, ``status_class`` (``2xx``...), ``meshproxy_tls_backend_info{backend}`` an
 ``meshproxy_http2_goaway_total{reason}``. Every value is a label bounded by the
 manifest (marble types, listeners, routes) or by HTTP (status codes), never a free
 text or an address. The registry is our own, never the process-global one.
+
+The native TLS engine's own counters, read from ``Engine.stats()`` at each scrape
+(``watch_engine``): ``meshproxy_tls_engine_threads``,
+``meshproxy_tls_engine_open_connections``, ``meshproxy_tls_engine_accept_total``,
+``meshproxy_tls_engine_fast_path_total`` (identity and app connect decided in C),
+``meshproxy_tls_engine_handshake_total``, ``meshproxy_tls_engine_handshake_failure_total``,
+``meshproxy_tls_engine_close_total``, ``meshproxy_tls_engine_read_bytes_total`` /
+``meshproxy_tls_engine_write_bytes_total`` (plaintext from / to the mesh peers, the
+engine's share of ``tcp_read_bytes_total`` / ``tcp_write_bytes_total``, but counted as
+the bytes move rather than when a connection closes) and
+``meshproxy_tls_engine_buffer_bytes`` (relay buffer memory, in use and pooled).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -31,6 +43,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # linkerd2-proxy's response_latency_ms buckets
@@ -44,6 +58,7 @@ class ProxyMetrics:
     def __init__(self, *, tls_backend: str = "python", process: bool = True) -> None:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # a *_created series per label set would double them all
         r = self.registry = CollectorRegistry(auto_describe=True)
+        self._engine_watched = False
         if process:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
@@ -97,6 +112,13 @@ class ProxyMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    def watch_engine(self, stats: Callable[[], dict[str, int]]) -> None:
+        """Export the native engine's counters (read at each scrape); once per registry."""
+        if self._engine_watched:
+            return
+        self._engine_watched = True
+        self.registry.register(_EngineCollector(stats))
+
     # -- connections ---------------------------------------------------------------------
     def connection(self, direction: str, listener: str, peer_id: str) -> Connection:
         return Connection(self, direction, listener, peer_id)
@@ -116,6 +138,35 @@ class ProxyMetrics:
 
     def goaway(self, direction: str, listener: str, reason: str) -> None:
         self.goaways.labels(direction, listener, reason).inc()
+
+
+# (stats key, metric name without meshproxy_tls_engine_, help); counters first
+_ENGINE_COUNTERS = (
+    ("accepted", "accept", "Connections accepted by the engine's listeners."),
+    ("fast_path", "fast_path", "Accepted connections whose identity and app connect C decided."),
+    ("handshakes", "handshake", "TLS handshakes completed."),
+    ("handshake_failures", "handshake_failure", "Connections ended before their handshake did."),
+    ("closed", "close", "Connections closed after their handshake."),
+    ("bytes_tls_to_app", "read_bytes", "Plaintext bytes from the mesh peers to the apps."),
+    ("bytes_app_to_tls", "write_bytes", "Plaintext bytes from the apps to the mesh peers."),
+)
+_ENGINE_GAUGES = (
+    ("threads", "threads", "Worker threads of the engine."),
+    ("active", "open_connections", "Connections the engine holds now."),
+    ("buffer_bytes", "buffer_bytes", "Relay buffer memory, in use and pooled."),
+)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        for key, name, doc in _ENGINE_COUNTERS:
+            yield CounterMetricFamily(f"meshproxy_tls_engine_{name}", doc, value=stats[key])
+        for key, name, doc in _ENGINE_GAUGES:
+            yield GaugeMetricFamily(f"meshproxy_tls_engine_{name}", doc, value=stats[key])
 
 
 def _req_labels(direction: str, listener: str, peer_id: str) -> tuple[str, ...]:

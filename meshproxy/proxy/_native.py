@@ -185,6 +185,8 @@ class NativeInboundListener:
         self._port = spec.port
         self._listener: int | None = None
         self._accepted: dict[int, _Accepted] = {}
+        if metrics is not None:
+            metrics.watch_engine(engine.stats)
         kinds = engine.module
         self._kinds = (kinds.ACCEPTED, kinds.HANDSHAKE, kinds.HANDSHAKE_FAILED)
 
@@ -375,6 +377,8 @@ class NativeOutboundListener:
         self._connections = connections
         self._metrics = metrics
         self._acceptor = _Acceptor(spec.name, self._accepted)
+        if metrics is not None:
+            metrics.watch_engine(engine.stats)
 
     def set_context(self, ctx: Context) -> None:
         """Rotation: new connections use ``ctx``; open ones keep the context they have."""
