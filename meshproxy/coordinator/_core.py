@@ -36,6 +36,8 @@ from meshproxy.attestation import (
     TrustAnchor,
     VerifiedQuote,
     check_package,
+    ratls_claims_for_spki,
+    ratls_extension,
     verify_quote,
 )
 from meshproxy.coordinator import _recovery, _secrets
@@ -110,8 +112,10 @@ class LockedState(Protocol):
 
 
 def report_data_for(public_key_der: bytes, nonce: bytes) -> bytes:
-    """What a quote's report data must hold: it binds a key to a coordinator nonce."""
-    return hashlib.sha256(public_key_der + nonce).digest()
+    """What a marble quote's report data must start with: SHA-256 of the RA-TLS claims
+    {"pubkey-hash": [1, SHA-256(SPKI)], "nonce": nonce}. It binds the key and the
+    coordinator's nonce, and is what an RA-TLS verifier checks in the leaf's evidence."""
+    return hashlib.sha256(ratls_claims_for_spki(public_key_der, nonce=nonce)).digest()
 
 
 def coordinator_report_data(root_der: bytes, nonce: bytes) -> bytes:
@@ -367,8 +371,9 @@ class CoordinatorCore:
 
     def _attest(
         self, req: ActivationRequest, now: datetime, operation: str
-    ) -> tuple[uuidlib.UUID, x509.CertificateSigningRequest, VerifiedQuote]:
-        """Everything both activation and renewal check before the manifest's rules."""
+    ) -> tuple[uuidlib.UUID, x509.CertificateSigningRequest, VerifiedQuote, x509.ExtensionType]:
+        """Everything both activation and renewal check before the manifest's rules; also
+        the leaf's RA-TLS evidence extension (the quote and the claims it binds)."""
         require(self._s.state, operation)
         expiry = self._nonces.pop(req.nonce, None)
         if expiry is None or expiry <= now:
@@ -385,13 +390,13 @@ class CoordinatorCore:
             verified = verify_quote(req.quote, self._anchors, now=now)
         except AttestationError as exc:
             raise PolicyError(f"quote verification failed ({exc.check}): {exc}") from None
-        expected = report_data_for(public_der(_ec_public(csr.public_key())), req.nonce)
-        if verified.report_data[:32] != expected:
+        claims = ratls_claims_for_spki(public_der(_ec_public(csr.public_key())), nonce=req.nonce)
+        if verified.report_data[:32] != hashlib.sha256(claims).digest():
             raise PolicyError(
                 "quote does not bind this CSR's key and the coordinator's nonce (report data "
                 "mismatch): the quote was made for another key or activation"
             )
-        return instance, csr, verified
+        return instance, csr, verified, ratls_extension(req.quote, claims)
 
     def _check_marble(
         self, s: PersistentState, manifest: Manifest, marble_type: str, verified: VerifiedQuote
@@ -414,6 +419,7 @@ class CoordinatorCore:
         marble_type: str,
         instance: uuidlib.UUID,
         now: datetime,
+        evidence: x509.ExtensionType,
     ) -> x509.Certificate:
         return issue_leaf(
             s.intermediate,
@@ -425,12 +431,13 @@ class CoordinatorCore:
             lifetime=timedelta(seconds=manifest.mesh.certificate_lifetime),
             now=now,
             simulated=self.simulation,
+            evidence=evidence,
         )
 
     def activate(self, req: ActivationRequest, *, now: datetime) -> ActivationResult:
         """Attest a marble and issue what it gets; every refusal says why."""
         self.sync()
-        instance, csr, verified = self._attest(req, now, "activate")
+        instance, csr, verified, evidence = self._attest(req, now, "activate")
         out: list[ActivationResult] = []
 
         def change(s: PersistentState) -> PersistentState:
@@ -444,7 +451,7 @@ class CoordinatorCore:
                     f"marble type {req.marble_type!r} reached MaxActivations "
                     f"({marble.max_activations})"
                 )
-            leaf = self._leaf(s, manifest, csr, req.marble_type, instance, now)
+            leaf = self._leaf(s, manifest, csr, req.marble_type, instance, now, evidence)
             params = self._parameters(s, manifest, marble, str(instance), leaf, csr, now)
             out.append(
                 ActivationResult(leaf.public_bytes(Encoding.PEM), params, verified.simulated)
@@ -481,7 +488,7 @@ class CoordinatorCore:
         this cluster activated. Refused when the marble no longer satisfies the manifest.
         """
         self.sync()
-        instance, csr, verified = self._attest(req, now, "renew")
+        instance, csr, verified, evidence = self._attest(req, now, "renew")
         s, manifest = self._s, self.current_manifest()
         marble = self._check_marble(s, manifest, req.marble_type, verified)
         if marble.max_activations and str(instance) not in s.instances.get(req.marble_type, []):
@@ -489,7 +496,7 @@ class CoordinatorCore:
                 f"marble {instance} of type {req.marble_type!r} was never activated by this "
                 "cluster: activate it (renewal is only for running marbles)"
             )
-        leaf = self._leaf(s, manifest, csr, req.marble_type, instance, now)
+        leaf = self._leaf(s, manifest, csr, req.marble_type, instance, now, evidence)
         return RenewalResult(leaf.public_bytes(Encoding.PEM), verified.simulated)
 
     def _parameters(

@@ -8,8 +8,11 @@ nonce; only then is the root pinned for every further request. A user authentica
 a client certificate (``ClientIdentity``).
 
 ``activate`` and ``renew`` attest the same way (``POST /api/v2/marble/nonce``, then a quote
-whose report data is SHA-256(public key || nonce), and a CSR for the key). ``renew`` is for
-a running marble whose leaf nears its end (the proxy renews at 70 % of its lifetime): it
+whose report data is SHA-256 of the RA-TLS claims {"pubkey-hash": [1, SHA-256(SPKI)],
+"nonce": nonce}, and a CSR for the key); the coordinator puts that quote and those claims
+into the leaf's RA-TLS extension (2.23.133.5.4.9), so RA-TLS verifiers can check a marble.
+``renew`` is for a running marble whose leaf nears its end (the proxy renews at 70 % of its
+lifetime): it
 posts to ``/api/v2/marble/renew`` and gets a new leaf for its key under the cluster's
 current intermediate, plus that intermediate and the mesh policy; it is not counted against
 MaxActivations. It is refused (``CoordinatorError``, HTTP 403, with the reason) when the
@@ -45,6 +48,7 @@ from meshproxy.attestation import (
     VerifiedQuote,
     default_platform_dir,
     intel_anchor,
+    ratls_report_data,
     simulation_anchor,
     verify_quote,
 )
@@ -306,8 +310,7 @@ def _attested_body(
     """Nonce, then a quote binding our key and that nonce, then the CSR: what the mesh API
     needs to attest a marble (for activation and renewal alike)."""
     nonce = wire.b64d(conn.request("POST", wire.MESH_PATHS["nonce"], {})["nonce"], "nonce")
-    report_data = hashlib.sha256(public_der(key) + nonce).digest()
-    quote = provider.get_quote(report_data)
+    quote = provider.get_quote(ratls_report_data(key.public_key(), nonce=nonce))
     csr = make_csr(key, marble_type, dns_names)
     return {
         "marbleType": marble_type,
