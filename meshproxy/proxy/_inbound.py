@@ -15,14 +15,17 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshproxy.errors import MeshError
 from meshproxy.pki import PeerIdentity, check_peer
 from meshproxy.proxy import _proxyproto
 from meshproxy.proxy._metrics import Connection, ProxyMetrics
 from meshproxy.proxy._relay import ConnectionSet, UnixStream, relay
-from meshproxy.proxy.http import InboundHttp, serve_inbound_http
 from meshproxy.tls import TLSStream, describe_error
+
+if TYPE_CHECKING:  # the HTTP layer (h2, h11) is loaded only when a listener speaks HTTP
+    from meshproxy.proxy.http import InboundHttp
 
 log = logging.getLogger("meshproxy.proxy.inbound")
 
@@ -118,6 +121,8 @@ class InboundListener:
             fields["peer"] = "anonymous"
         log.info("inbound accepted", extra={"event": "inbound.accept", **fields})
         if spec.http is not None:
+            from meshproxy.proxy.http import serve_inbound_http
+
             await serve_inbound_http(
                 stream, listener=spec.name, app_socket=spec.app_socket, settings=spec.http,
                 peer=peer, metrics=self._metrics, log_fields=fields,

@@ -16,13 +16,16 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshproxy.errors import MeshError
 from meshproxy.pki import check_peer, spiffe_id
 from meshproxy.proxy._metrics import ProxyMetrics
 from meshproxy.proxy._relay import ConnectionSet, UnixStream, bind_unix_socket, relay
-from meshproxy.proxy.http import OutboundHttp, serve_outbound_http
 from meshproxy.tls import connect
+
+if TYPE_CHECKING:  # the HTTP layer (h2, h11) is loaded only when a listener speaks HTTP
+    from meshproxy.proxy.http import OutboundHttp
 
 log = logging.getLogger("meshproxy.proxy.outbound")
 
@@ -81,6 +84,8 @@ class OutboundListener:
         fields: dict[str, object] = {"listener": spec.name, "upstream": upstream}
         peer_id = spiffe_id(spec.trust_domain, spec.peer)
         if spec.http is not None:
+            from meshproxy.proxy.http import serve_outbound_http
+
             await serve_outbound_http(
                 app, listener=spec.name, host=spec.host, port=spec.port, sni=spec.sni,
                 peer=spec.peer, peer_id=peer_id, trust_domain=spec.trust_domain,
