@@ -9,10 +9,7 @@ loop; from the listeners on, one uvloop loop runs the data plane and the supervi
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import dataclasses
-import gc
 import json
 import logging
 import os
@@ -119,21 +116,8 @@ def execute(
     cfg.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(cfg.workdir, 0o700)
     write_files(cfg.files_root, activation.files)
-    del activation
-    _release_memory()
     return uvloop.run(serve(plan))
 
-
-def _release_memory() -> None:
-    """Give the start-up's garbage back to the system before serving.
-
-    Activation parses the coordinator's answers, builds certificates and talks HTTPS: what
-    it leaves is free in the heap but stays in the RSS unless returned (glibc's
-    ``malloc_trim``). Measured: about 3 MB of an idle proxy's RSS.
-    """
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
 
 
 def make_plan(
