@@ -21,7 +21,7 @@ from meshproxy.errors import MeshError
 from meshproxy.pki import PeerIdentity, check_peer
 from meshproxy.proxy import _proxyproto
 from meshproxy.proxy._metrics import Connection, ProxyMetrics
-from meshproxy.proxy._relay import ConnectionSet, UnixStream, relay
+from meshproxy.proxy._relay import ConnectionSet, UnixStream, connect_unix, relay
 from meshproxy.tls import TLSStream, describe_error
 
 if TYPE_CHECKING:  # the HTTP layer (h2, h11) is loaded only when a listener speaks HTTP
@@ -130,7 +130,8 @@ class InboundListener:
             return
         counted = self._count(peer)
         try:
-            reader, writer = await asyncio.open_unix_connection(str(spec.app_socket))
+            app = await connect_unix(spec.app_socket)
+            reader, writer = await asyncio.open_unix_connection(sock=app)
         except OSError as exc:
             log.warning(
                 "app is not listening",
