@@ -64,6 +64,20 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--etcd-prefix", default="/meshproxy/", help="etcd key prefix (/meshproxy/)")
     p.add_argument(
+        "--etcd-ca",
+        type=Path,
+        metavar="PEM",
+        help="CA certificate(s) that sign etcd's server certificate (https:// endpoints; "
+        "default: the system's CAs)",
+    )
+    p.add_argument(
+        "--etcd-cert",
+        type=Path,
+        metavar="PEM",
+        help="client certificate for etcd (with --etcd-key)",
+    )
+    p.add_argument("--etcd-key", type=Path, metavar="PEM", help="private key of --etcd-cert")
+    p.add_argument(
         "--advertise",
         metavar="HOST:PORT",
         help="the mesh address peer replicas reach this one at (default: the bound address)",
@@ -104,6 +118,16 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError("--store etcd needs --etcd-endpoints URL[,URL...]")
     if args.store != "etcd" and endpoints:
         raise UsageError("--etcd-endpoints is only for --store etcd")
+    tls_files = {"--etcd-ca": args.etcd_ca, "--etcd-cert": args.etcd_cert,
+                 "--etcd-key": args.etcd_key}  # fmt: skip
+    given = [flag for flag, path in tls_files.items() if path is not None]
+    if given and args.store != "etcd":
+        raise UsageError(f"{', '.join(given)}: only for --store etcd")
+    if (args.etcd_cert is None) != (args.etcd_key is None):
+        raise UsageError("--etcd-cert and --etcd-key go together: give both or neither")
+    for flag in given:
+        if not tls_files[flag].is_file():
+            raise UsageError(f"{flag} {tls_files[flag]}: no such file")
     if args.advertise is not None:
         _addr(args.advertise, "--advertise")
     return run(
@@ -118,6 +142,9 @@ def _run(args: argparse.Namespace) -> int:
             log_format=args.log_format,
             store=args.store,
             etcd_endpoints=endpoints,
+            etcd_ca=args.etcd_ca,
+            etcd_cert=args.etcd_cert,
+            etcd_key=args.etcd_key,
             etcd_prefix=args.etcd_prefix,
             owner_cert=args.owner_cert,
             owner_token_file=args.owner_token_file,

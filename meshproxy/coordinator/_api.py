@@ -31,8 +31,9 @@ Mesh API:
   reason when the marble no longer satisfies the manifest (HTTP 403);
 * ``POST replica/key``: an attested peer replica asks for the state key (``_replica``).
 
-Nonces live in the replica that issued them: behind a load balancer, a marble's nonce and
-its activate/renew request must reach the same replica (one client connection does).
+Nonces are stateless MACs under a key every replica of a cluster derives (``_nonce``): a
+marble may get its nonce from one replica and activate or renew at another; each nonce is
+accepted once across all replicas (claims in etcd).
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ from meshproxy.attestation import (
 )
 from meshproxy.coordinator import _recovery, _secrets
 from meshproxy.coordinator._auth import Owner, Unauthenticated
+from meshproxy.coordinator._nonce import LocalUsedNonces, NonceBook, UsedNonces, nonce_id
 from meshproxy.coordinator._persist import PersistentState
 from meshproxy.coordinator._recovery import Recoverer, RecoveryInfo
 from meshproxy.coordinator._state import MESSAGES, Event, State, advance, require
@@ -70,8 +71,6 @@ from meshproxy.pki import (
 )
 
 log = logging.getLogger("meshproxy.coordinator")
-NONCE_TTL = timedelta(seconds=60)
-MAX_PENDING_NONCES = 10_000
 _CAS_ATTEMPTS = 50
 
 
@@ -134,6 +133,7 @@ class CoordinatorCore:
         refresh: Callable[[], PersistentState | None] | None = None,
         locked: LockedState | None = None,
         owner: Owner | None = None,
+        used_nonces: UsedNonces | None = None,
     ) -> None:
         self._s = persistent
         self._commit = commit
@@ -143,7 +143,9 @@ class CoordinatorCore:
         self._anchors = tuple(anchors)
         self.simulation = simulation
         self.owner = owner
-        self._nonces: dict[bytes, datetime] = {}
+        # Replicas (a shared store) recognize each other's nonces; ``_nonce``.
+        self._nonce_book = NonceBook(shared=refresh is not None)
+        self._used_nonces = used_nonces or LocalUsedNonces()
         self._recoverer: Recoverer | None = None
         self.activated: dict[str, int] = {}  # since this process started, for status/metrics
         self._manifest = (
@@ -361,13 +363,9 @@ class CoordinatorCore:
 
     # -- activation ---------------------------------------------------------------------------
     def new_nonce(self, *, now: datetime) -> bytes:
+        """A nonce for one activation or renewal: an HMAC, no state (``_nonce``)."""
         require(self._s.state, "activate")
-        self._nonces = {n: t for n, t in self._nonces.items() if t > now}
-        if len(self._nonces) >= MAX_PENDING_NONCES:
-            raise PolicyError("too many pending activations; retry shortly")
-        nonce = os.urandom(32)
-        self._nonces[nonce] = now + NONCE_TTL
-        return nonce
+        return self._nonce_book.issue(self._s.root_secret, now)
 
     def _attest(
         self, req: ActivationRequest, now: datetime, operation: str
@@ -375,9 +373,7 @@ class CoordinatorCore:
         """Everything both activation and renewal check before the manifest's rules; also
         the leaf's RA-TLS evidence extension (the quote and the claims it binds)."""
         require(self._s.state, operation)
-        expiry = self._nonces.pop(req.nonce, None)
-        if expiry is None or expiry <= now:
-            raise PolicyError("activation nonce is unknown, used or expired; request a new one")
+        expires = self._nonce_book.check(self._s.root_secret, req.nonce, now)
         try:
             instance = uuidlib.UUID(req.uuid)
         except ValueError:
@@ -396,6 +392,9 @@ class CoordinatorCore:
                 "quote does not bind this CSR's key and the coordinator's nonce (report data "
                 "mismatch): the quote was made for another key or activation"
             )
+        # Single use, across replicas: claimed only once the request is known to be good.
+        if not self._used_nonces.claim([nonce_id(req.nonce)], expires, now):
+            raise PolicyError("activation nonce is unknown, used or expired; request a new one")
         return instance, csr, verified, ratls_extension(req.quote, claims)
 
     def _check_marble(

@@ -44,7 +44,7 @@ from meshproxy.coordinator._api import Api
 from meshproxy.coordinator._auth import Owner
 from meshproxy.coordinator._boot import StateSync, load_or_create, register
 from meshproxy.coordinator._core import CoordinatorCore
-from meshproxy.coordinator._etcd import EtcdStore
+from meshproxy.coordinator._etcd import EtcdStore, EtcdTLS
 from meshproxy.coordinator._state import State, require
 from meshproxy.coordinator._store import FileStore, VersionedStore
 from meshproxy.coordinator._tls import SwitchingContext
@@ -71,6 +71,9 @@ class Options:
     store: str = "file"  # file | etcd
     etcd_endpoints: tuple[str, ...] = ()
     etcd_prefix: str = "/meshproxy/"
+    etcd_ca: Path | None = None  # TLS to etcd (https:// endpoints)
+    etcd_cert: Path | None = None
+    etcd_key: Path | None = None
     owner_cert: Path | None = None
     owner_token_file: Path | None = None
     trust_platforms: tuple[Path, ...] = ()  # more simulated machines whose quotes count
@@ -171,7 +174,8 @@ def build(options: Options, now: datetime) -> Built:
     store: VersionedStore
     if options.store == "etcd":
         options.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        store = EtcdStore(options.etcd_endpoints, options.etcd_prefix)
+        tls = EtcdTLS(options.etcd_ca, options.etcd_cert, options.etcd_key)
+        store = EtcdStore(options.etcd_endpoints, options.etcd_prefix, tls=tls)
     else:
         store = FileStore(options.state_dir)
     vault = Vault(_PlatformSealer(platform), store.where)
@@ -211,6 +215,8 @@ def build(options: Options, now: datetime) -> Built:
         refresh=sync.refresh if store.shared else None,
         locked=vault if loaded.locked else None,
         owner=owner,
+        # Replicas accept each other's nonces, each once across all of them.
+        used_nonces=store if isinstance(store, EtcdStore) else None,
     )
     key_server = None
     if isinstance(store, EtcdStore):

@@ -17,8 +17,8 @@ posts to ``/api/v2/marble/renew`` and gets a new leaf for its key under the clus
 current intermediate, plus that intermediate and the mesh policy; it is not counted against
 MaxActivations. It is refused (``CoordinatorError``, HTTP 403, with the reason) when the
 marble no longer satisfies the manifest, e.g. after a package update raised its minimum
-SecurityVersion or a manifest update removed its type. Nonce and attested request must
-reach the same coordinator replica (nonces are kept per replica).
+SecurityVersion or a manifest update removed its type. Nonce and attested request may
+reach different replicas of a cluster (every replica checks every replica's nonces).
 """
 
 from __future__ import annotations
