@@ -53,6 +53,7 @@ from meshproxy.attestation._tdx import (
     verify_tdx_quote,
 )
 from meshproxy.attestation._templates import (
+    SEAL_KEY_NAME,
     Runtime,
     gramine_manifest,
     occlum_bom,
@@ -70,6 +71,7 @@ from meshproxy.attestation._verify import (
 __all__ = [
     "INTEL_QE_VENDOR_ID",
     "RATLS_EVIDENCE_OID",
+    "SEAL_KEY_NAME",
     "SIM_VENDOR_ID",
     "Collateral",
     "EnclaveDescription",

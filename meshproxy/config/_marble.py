@@ -3,8 +3,12 @@
 Parsed once, strictly: unknown keys, malformed addresses, duplicate names and colliding
 listeners are ``ConfigError``s naming the file and key path. Relative paths are taken
 from the config file's directory, except ``admin.socket``, which is relative to
-``workdir``. Features that are designed but not built yet (``users`` clients, hardware
-attestation providers) are refused with a message saying so, never silently downgraded.
+``workdir``. Features that are designed but not built yet (``users`` clients) are refused
+with a message saying so, never silently downgraded. ``attestation.provider`` is
+``simulation`` (needs the signed ``enclave`` description, re-measured at start) or a
+hardware provider, ``gramine`` or ``occlum``, whose devices are under ``device_dir``
+(default ``/dev``: ``/dev/attestation``, ``/dev/sgx``); there the hardware measures the
+enclave, so ``enclave`` is refused.
 Options that only make sense for some protocols (``app_protocol`` and ``routes`` for
 ``http``, ``proxy_protocol`` for ``tcp`` and ``hbone``) are errors on the others.
 """
@@ -66,10 +70,11 @@ class MarbleSection:
 
 @dataclass(frozen=True)
 class AttestationConfig:
-    provider: str
+    provider: str  # simulation | gramine | occlum
     accept_simulation: bool
-    enclave: Path | None
+    enclave: Path | None  # the signed description; simulation only
     platform_dir: Path | None  # None: the attestation package's default
+    device_dir: Path = Path("/dev")  # gramine, occlum: where attestation/ and sgx are
 
 
 @dataclass(frozen=True)
@@ -182,18 +187,27 @@ def _marble(node: Node, base: Path) -> MarbleSection:
 
 def _attestation(node: Node, base: Path) -> AttestationConfig:
     m = node.mapping(
-        ["provider", "accept_simulation", "enclave", "platform_dir"], required=["provider"]
+        ["provider", "accept_simulation", "enclave", "platform_dir", "device_dir"],
+        required=["provider"],
     )
     provider = m["provider"].choice(["simulation", "gramine", "occlum"])
-    if provider != "simulation":
-        m["provider"].fail(f"attestation provider {provider} is not available yet (use simulation)")
-    if not _given(m, "enclave"):
-        node.fail("missing required key 'enclave' (the signed enclave description)")
+    if provider == "simulation":
+        if not _given(m, "enclave"):
+            node.fail("missing required key 'enclave' (the signed enclave description)")
+        if "device_dir" in m:
+            m["device_dir"].fail("device_dir is only for the gramine and occlum providers")
+    elif "enclave" in m:
+        m["enclave"].fail(
+            f"the signed enclave description is for provider simulation; under {provider} "
+            "the hardware measures the enclave (MRENCLAVE): remove 'enclave'"
+        )
+    device_dir = _path(m["device_dir"], base) if _given(m, "device_dir") else Path("/dev")
     return AttestationConfig(
         provider=provider,
         accept_simulation=_given(m, "accept_simulation") and m["accept_simulation"].bool(),
-        enclave=_path(m["enclave"], base),
+        enclave=_path(m["enclave"], base) if provider == "simulation" else None,
         platform_dir=_path(m["platform_dir"], base) if _given(m, "platform_dir") else None,
+        device_dir=device_dir,
     )
 
 

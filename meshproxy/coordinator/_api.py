@@ -23,7 +23,8 @@ Client API (MarbleRun's ``/api/v2`` shapes; "user" = a manifest user's client ce
 Mesh API:
 
 * ``POST marble/nonce`` -> ``{"nonce"}``; ``POST marble/activate`` ``{"marbleType",
-  "uuid", "csr", "quote", "nonce"}`` -> certificate, intermediate, root, parameters, mesh;
+  "uuid", "csr", "quote", "nonce"}`` -> certificate, intermediate, root, parameters, mesh,
+  sealingKey (the marble's 16-byte virtual sealing key, base64);
 * ``POST marble/renew``: the same request as activate, with a fresh nonce and quote, by a
   running marble -> ``{"certificate", "intermediate", "root", "mesh", "simulation"}``: a
   new leaf under the current intermediate (not counted against MaxActivations; for a
@@ -309,6 +310,7 @@ class Api:
                 },
                 "mesh": mesh,
                 "simulation": result.simulated,
+                "sealingKey": wire.b64e(result.sealing_key.reveal()),
             }
         )
 

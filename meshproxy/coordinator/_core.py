@@ -45,6 +45,7 @@ from meshproxy.coordinator._auth import Owner, Unauthenticated
 from meshproxy.coordinator._nonce import LocalUsedNonces, NonceBook, UsedNonces, nonce_id
 from meshproxy.coordinator._persist import PersistentState
 from meshproxy.coordinator._recovery import Recoverer, RecoveryInfo
+from meshproxy.coordinator._sealkey import marble_sealing_key
 from meshproxy.coordinator._state import MESSAGES, Event, State, advance, require
 from meshproxy.coordinator._store import StoreConflict
 from meshproxy.coordinator._updates import effective, log_line
@@ -88,6 +89,7 @@ class ActivationResult:
     leaf_pem: bytes
     parameters: RenderedParameters
     simulated: bool
+    sealing_key: Secret  # the marble's virtual sealing key (``_sealkey``)
 
 
 @dataclass(frozen=True)
@@ -452,8 +454,11 @@ class CoordinatorCore:
                 )
             leaf = self._leaf(s, manifest, csr, req.marble_type, instance, now, evidence)
             params = self._parameters(s, manifest, marble, str(instance), leaf, csr, now)
+            sealing_key = marble_sealing_key(s.root_secret, req.marble_type, instance)
             out.append(
-                ActivationResult(leaf.public_bytes(Encoding.PEM), params, verified.simulated)
+                ActivationResult(
+                    leaf.public_bytes(Encoding.PEM), params, verified.simulated, sealing_key
+                )
             )
             if not marble.max_activations:
                 return s

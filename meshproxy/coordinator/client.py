@@ -41,6 +41,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from meshproxy._redact import Secret
 from meshproxy.attestation import (
     QuoteProvider,
     SimulationPlatform,
@@ -112,6 +113,7 @@ class Activation:
     argv: tuple[str, ...]
     mesh: MeshPolicy
     simulated: bool
+    sealing_key: Secret | None = None  # None: the coordinator sent none (an older one)
 
     def __repr__(self) -> str:  # env and files may hold secrets
         return f"<Activation {self.marble_type} {self.uuid} files={len(self.files)}>"
@@ -368,6 +370,11 @@ def activate(
             argv=tuple(str(a) for a in params["argv"]),
             mesh=_mesh_policy(mesh),
             simulated=bool(data["simulation"]),
+            sealing_key=(
+                Secret(wire.b64d(data["sealingKey"], "sealingKey"))
+                if data.get("sealingKey") is not None
+                else None
+            ),
         )
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise ConnectError(f"coordinator {address} sent a malformed activation: {exc}") from None
