@@ -78,6 +78,18 @@ class AttestationConfig:
 
 
 @dataclass(frozen=True)
+class TLSConfig:
+    """A listener's TLS: 1.3 only and no session tickets unless configured (``tls:``).
+
+    Tickets are off by default for forward secrecy inside the enclave: a ticket key that
+    leaks decrypts every session resumed with it.
+    """
+
+    min_version: str = "1.3"  # "1.2" | "1.3"
+    session_tickets: bool = False
+
+
+@dataclass(frozen=True)
 class InboundConfig:
     name: str
     listen: Address
@@ -87,6 +99,7 @@ class InboundConfig:
     app_protocol: str = "http1"  # protocol http: how the app's socket speaks (http1 | h2c)
     proxy_protocol: str | None = None  # tcp, hbone: "v2" sends a PROXY v2 header first
     routes: tuple[RouteRule, ...] = ()  # protocol http: narrows the manifest's Mesh.Routes
+    tls: TLSConfig = TLSConfig()
 
 
 @dataclass(frozen=True)
@@ -96,6 +109,7 @@ class OutboundConfig:
     peer: str
     sni: str | None
     protocol: str = "tcp"  # tcp | http | hbone
+    tls: TLSConfig = TLSConfig()
 
 
 @dataclass(frozen=True)
@@ -214,7 +228,7 @@ def _attestation(node: Node, base: Path) -> AttestationConfig:
 def _inbound(node: Node) -> InboundConfig:
     m = node.mapping(
         ["name", "listen", "protocol", "clients", "allow", "app_protocol", "proxy_protocol",
-         "routes"],
+         "routes", "tls"],
         required=["name", "listen"],
     )  # fmt: skip
     protocol = m["protocol"].choice(["tcp", "http", "hbone"]) if _given(m, "protocol") else "tcp"
@@ -252,6 +266,7 @@ def _inbound(node: Node) -> InboundConfig:
         app_protocol=app_protocol,
         proxy_protocol=proxy_protocol,
         routes=routes,
+        tls=_tls(m["tls"]) if _given(m, "tls") else TLSConfig(),
     )
 
 
@@ -286,14 +301,32 @@ def _route(node: Node, allow: tuple[str, ...] | None) -> RouteRule:
 
 def _outbound(node: Node) -> OutboundConfig:
     m = node.mapping(
-        ["name", "upstream", "peer", "sni", "protocol"], required=["name", "upstream", "peer"]
+        ["name", "upstream", "peer", "sni", "protocol", "tls"],
+        required=["name", "upstream", "peer"],
     )
     upstream = parse_address(m["upstream"], allow_port_zero=False)
     sni = _dns_name(m["sni"]) if _given(m, "sni") else None
     if sni is None and not upstream.is_ip:
         sni = upstream.host
     protocol = m["protocol"].choice(["tcp", "http", "hbone"]) if _given(m, "protocol") else "tcp"
-    return OutboundConfig(_name(m["name"]), upstream, _marble_type(m["peer"]), sni, protocol)
+    tls = _tls(m["tls"]) if _given(m, "tls") else TLSConfig()
+    return OutboundConfig(
+        _name(m["name"]), upstream, _marble_type(m["peer"]), sni, protocol, tls=tls
+    )
+
+
+def _tls(node: Node) -> TLSConfig:
+    m = node.mapping(["min_version", "session_tickets"])
+    version = "1.3"
+    if _given(m, "min_version"):
+        v = m["min_version"]
+        # unquoted in YAML, 1.2 is a number: take it as the version it spells
+        if isinstance(v.value, float) and v.value in (1.2, 1.3):
+            version = str(v.value)
+        else:
+            version = v.choice(["1.2", "1.3"])
+    tickets = _given(m, "session_tickets") and m["session_tickets"].bool()
+    return TLSConfig(min_version=version, session_tickets=tickets)
 
 
 def _admin(node: Node | None, workdir: Path) -> Path:

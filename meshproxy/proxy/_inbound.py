@@ -59,6 +59,10 @@ class InboundListener:
         self._server: asyncio.Server | None = None
         self._port = spec.port
 
+    def set_context(self, ctx: ssl.SSLContext) -> None:
+        """Rotation: new connections use ``ctx``; open ones keep the context they have."""
+        self._ctx = ctx
+
     async def start(self) -> tuple[str, int]:
         """Listen; returns the address actually bound."""
         loop = asyncio.get_running_loop()
@@ -104,6 +108,7 @@ class InboundListener:
             await stream.aclose()
             return
         peer: PeerIdentity | None = None
+        denied: str | None = None
         if spec.clients == "marbles":
             try:
                 peer = check_peer(
@@ -113,9 +118,15 @@ class InboundListener:
                     role="client",
                 )
             except MeshError as exc:
-                self._refuse(fields, str(exc))
-                await stream.aclose()
-                return
+                if spec.http is not None and spec.http.mode == "hbone":
+                    from meshproxy.proxy.http import hbone_caller
+
+                    peer = hbone_caller(stream.peer_certificate() or b"", spec.trust_domain)
+                if peer is None:
+                    self._refuse(fields, str(exc))
+                    await stream.aclose()
+                    return
+                denied = str(exc)  # HBONE: of our domain, not allowed: 401 per CONNECT
             fields |= {"peer": peer.spiffe_id, "peer_uuid": peer.uuid}
         else:
             fields["peer"] = "anonymous"
@@ -125,7 +136,7 @@ class InboundListener:
 
             await serve_inbound_http(
                 stream, listener=spec.name, app_socket=spec.app_socket, settings=spec.http,
-                peer=peer, metrics=self._metrics, log_fields=fields,
+                peer=peer, denied=denied, metrics=self._metrics, log_fields=fields,
             )  # fmt: skip
             return
         counted = self._count(peer)

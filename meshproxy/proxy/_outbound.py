@@ -14,7 +14,8 @@ import contextlib
 import logging
 import ssl
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,6 +57,15 @@ class OutboundListener:
         self._connections = connections
         self._metrics = metrics
         self._server: asyncio.Server | None = None
+
+    def set_context(
+        self, ctx: ssl.SSLContext, http: Mapping[str, ssl.SSLContext] | None = None
+    ) -> None:
+        """Rotation: new connections use ``ctx`` (``http``: the HTTP layer's contexts per
+        ALPN protocol); open ones, and pooled HTTP/2 connections, keep theirs."""
+        self._ctx = ctx
+        if http is not None and self.spec.http is not None:
+            self.spec = replace(self.spec, http=replace(self.spec.http, contexts=http))
 
     async def start(self) -> Path:
         sock = bind_unix_socket(self.spec.socket_path)

@@ -13,10 +13,11 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import ssl
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import uvloop
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from meshproxy import __version__
 from meshproxy._log import setup as setup_logging
 from meshproxy.config import MarbleConfig, load_marble_config
+from meshproxy.config._marble import InboundConfig, OutboundConfig
 from meshproxy.errors import PolicyError, UsageError
 from meshproxy.pki import cert_to_pem, certs_to_pem, generate_key, key_to_pem, spiffe_id
 from meshproxy.proxy import (
@@ -52,6 +54,7 @@ from meshproxy.tls import (
 )
 
 if TYPE_CHECKING:
+    from meshproxy._native_tls import Context
     from meshproxy.coordinator.client import Activation, MeshPolicy
     from meshproxy.proxy.http import RoutePolicy
 
@@ -117,7 +120,6 @@ def execute(
     os.chmod(cfg.workdir, 0o700)
     write_files(cfg.files_root, activation.files)
     return uvloop.run(serve(plan))
-
 
 
 def make_plan(
@@ -254,30 +256,24 @@ async def serve(plan: RunPlan) -> int:
         cfg.ready_file.unlink(missing_ok=True)
 
 
+Inbound = InboundListener | NativeInboundListener
+Outbound = OutboundListener | NativeOutboundListener
+
+
 def _listeners(
     plan: RunPlan,
     connections: ConnectionSet,
     metrics: ProxyMetrics | None = None,
     engine: NativeEngine | None = None,
-) -> tuple[
-    list[InboundListener | NativeInboundListener], list[OutboundListener | NativeOutboundListener]
-]:
+) -> tuple[list[Inbound], list[Outbound]]:
     cfg = plan.config
     if _speaks_http(cfg):
-        from meshproxy.proxy.http import InboundHttp, OutboundHttp, RoutePolicy, with_alpn
-    mtls = public = None
-    inbound: list[InboundListener | NativeInboundListener] = []
+        from meshproxy.proxy.http import InboundHttp, OutboundHttp, RoutePolicy
+    contexts = _Contexts(plan.identity)
+    inbound: list[Inbound] = []
     for i in cfg.inbound:
-        if i.clients == "marbles":
-            mtls = mtls or server_context(plan.identity, client_auth=True)
-            ctx = mtls
-        else:
-            public = public or server_context(plan.identity, client_auth=False)
-            ctx = public
         http = None
-        if i.protocol != "tcp":  # its own context: it selects ALPN h2 (or http/1.1)
-            alpn = ("h2",) if i.protocol == "hbone" else ("h2", "http/1.1")
-            ctx = with_alpn(server_context(plan.identity, client_auth=i.clients == "marbles"), alpn)
+        if i.protocol != "tcp":
             our_id = spiffe_id(plan.trust_domain, cfg.marble.type)
             http = InboundHttp(
                 i.app_protocol, our_id, plan.routes.get(i.name, RoutePolicy()),
@@ -290,28 +286,100 @@ def _listeners(
             proxy_protocol=i.proxy_protocol == "v2" and i.protocol == "tcp",
         )  # fmt: skip
         if engine is not None and http is None:  # protocol tcp: the C engine relays it
-            nctx = native_server_context(plan.identity, client_auth=i.clients == "marbles")
+            nctx = contexts.native_inbound(i)
             inbound.append(NativeInboundListener(spec, nctx, engine, connections, metrics))
             continue
-        inbound.append(InboundListener(spec, ctx, connections, metrics))
-    client = client_context(plan.identity) if cfg.outbound else None
-    offers = {p: client_context(plan.identity, alpn=(p,)) for p in ("h2", "http/1.1")
-              if any(o.protocol != "tcp" for o in cfg.outbound)}  # fmt: skip
-    native_client = native_client_context(plan.identity) if engine and cfg.outbound else None
-    outbound: list[OutboundListener | NativeOutboundListener] = []
+        inbound.append(InboundListener(spec, contexts.inbound(i), connections, metrics))
+    outbound: list[Outbound] = []
     for o in cfg.outbound:
-        assert client is not None
         spec_out = OutboundSpec(
             name=o.name, socket_path=cfg.outbound_socket(o.name), host=o.upstream.host,
             port=o.upstream.port, sni=o.sni, peer=o.peer, trust_domain=plan.trust_domain,
-            http=OutboundHttp(offers, mode=o.protocol) if o.protocol != "tcp" else None,
+            http=OutboundHttp(contexts.offers(o), mode=o.protocol) if o.protocol != "tcp"
+            else None,
         )  # fmt: skip
-        if native_client is not None and engine is not None and spec_out.http is None:
-            outbound.append(NativeOutboundListener(spec_out, native_client, engine,
-                                                   connections, metrics))  # fmt: skip
+        if engine is not None and spec_out.http is None:
+            nctx = contexts.native_outbound(o)
+            outbound.append(NativeOutboundListener(spec_out, nctx, engine, connections, metrics))
             continue
-        outbound.append(OutboundListener(spec_out, client, connections, metrics))
+        outbound.append(OutboundListener(spec_out, contexts.outbound(o), connections, metrics))
     return inbound, outbound
+
+
+def set_identity(
+    identity: TLSIdentity, cfg: MarbleConfig, inbound: Sequence[Inbound],
+    outbound: Sequence[Outbound],
+) -> None:  # fmt: skip
+    """Rotation: every listener's new connections use contexts of ``identity``; open
+    connections keep the context (and certificate) they were made with."""
+    contexts = _Contexts(identity)
+    by_name_in = {i.name: i for i in cfg.inbound}
+    by_name_out = {o.name: o for o in cfg.outbound}
+    for li in inbound:
+        c = by_name_in[li.spec.name]
+        if isinstance(li, NativeInboundListener):
+            li.set_context(contexts.native_inbound(c))
+        else:
+            li.set_context(contexts.inbound(c))
+    for lo in outbound:
+        o = by_name_out[lo.spec.name]
+        if isinstance(lo, NativeOutboundListener):
+            lo.set_context(contexts.native_outbound(o))
+        else:
+            lo.set_context(contexts.outbound(o), contexts.offers(o) if lo.spec.http else None)
+
+
+class _Contexts:
+    """The TLS contexts of one identity, one per distinct listener setting (built once)."""
+
+    def __init__(self, identity: TLSIdentity) -> None:
+        self._identity = identity
+        self._cache: dict[tuple[object, ...], Any] = {}
+
+    def _get(self, key: tuple[object, ...], build: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def inbound(self, i: InboundConfig) -> ssl.SSLContext:
+        auth, tls, ident = i.clients == "marbles", i.tls, self._identity
+        if i.protocol == "tcp":
+            return cast(ssl.SSLContext, self._get(("in", auth, tls), lambda: server_context(
+                ident, client_auth=auth, min_version=tls.min_version, tickets=tls.session_tickets
+            )))  # fmt: skip
+        from meshproxy.proxy.http import with_alpn
+
+        # its own context: it selects ALPN h2 (hbone) or h2 / http/1.1
+        alpn = ("h2",) if i.protocol == "hbone" else ("h2", "http/1.1")
+        return cast(ssl.SSLContext, self._get(("in", auth, tls, alpn), lambda: with_alpn(
+            server_context(ident, client_auth=auth, min_version=tls.min_version,
+                           tickets=tls.session_tickets), alpn,
+        )))  # fmt: skip
+
+    def native_inbound(self, i: InboundConfig) -> Context:
+        auth, tls, ident = i.clients == "marbles", i.tls, self._identity
+        return cast("Context", self._get(("nin", auth, tls), lambda: native_server_context(
+            ident, client_auth=auth, min_version=tls.min_version, tickets=tls.session_tickets
+        )))  # fmt: skip
+
+    def outbound(self, o: OutboundConfig) -> ssl.SSLContext:
+        tls, ident = o.tls, self._identity
+        return cast(ssl.SSLContext, self._get(("out", tls), lambda: client_context(
+            ident, min_version=tls.min_version, tickets=tls.session_tickets
+        )))  # fmt: skip
+
+    def native_outbound(self, o: OutboundConfig) -> Context:
+        tls, ident = o.tls, self._identity
+        return cast("Context", self._get(("nout", tls), lambda: native_client_context(
+            ident, min_version=tls.min_version, tickets=tls.session_tickets
+        )))  # fmt: skip
+
+    def offers(self, o: OutboundConfig) -> dict[str, ssl.SSLContext]:
+        """An HTTP outbound's client contexts, one per ALPN protocol it may offer."""
+        tls, ident = o.tls, self._identity
+        return {p: cast(ssl.SSLContext, self._get(("offer", p, tls), lambda p=p: client_context(  # type: ignore[misc]
+            ident, alpn=(p,), min_version=tls.min_version, tickets=tls.session_tickets
+        ))) for p in ("h2", "http/1.1")}  # fmt: skip
 
 
 def _hostport(host: str, port: int) -> str:
