@@ -8,6 +8,13 @@ where a caller passes the simulation anchor and ``allow_simulation=True``.
 """
 
 from meshproxy.attestation._collateral import Collateral, parse_collateral
+from meshproxy.attestation._coordinator_policy import (
+    CoordinatorPolicy,
+    check_coordinator,
+    load_coordinator_policy,
+    parse_coordinator_policy,
+)
+from meshproxy.attestation._coordinator_policy import describe as describe_coordinator_policy
 from meshproxy.attestation._enclave import (
     EnclaveDescription,
     SignedEnclave,
@@ -74,6 +81,7 @@ __all__ = [
     "SEAL_KEY_NAME",
     "SIM_VENDOR_ID",
     "Collateral",
+    "CoordinatorPolicy",
     "EnclaveDescription",
     "EnclaveIdentity",
     "GramineProvider",
@@ -95,17 +103,21 @@ __all__ = [
     "TrustAnchor",
     "VerifiedQuote",
     "VerifiedTdxQuote",
+    "check_coordinator",
     "check_measurement",
     "check_package",
     "default_platform_dir",
+    "describe_coordinator_policy",
     "gramine_manifest",
     "intel_anchor",
+    "load_coordinator_policy",
     "load_description",
     "load_signed",
     "measure",
     "occlum_bom",
     "occlum_config",
     "parse_collateral",
+    "parse_coordinator_policy",
     "parse_quote",
     "parse_ratls_extension",
     "parse_tdx_quote",

@@ -10,6 +10,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from meshproxy.attestation import (
+    check_coordinator,
+    describe_coordinator_policy,
+    load_coordinator_policy,
+)
 from meshproxy.cli._common import (
     add_coordinator_options,
     add_user_options,
@@ -19,9 +24,10 @@ from meshproxy.cli._common import (
     user_identity,
     write_output,
 )
+from meshproxy.cli.enclave import _read_collateral as read_collateral
 from meshproxy.coordinator import _wire as wire
 from meshproxy.coordinator.client import Connection, fetch_evidence
-from meshproxy.errors import ManifestError, UsageError
+from meshproxy.errors import ManifestError, PolicyError, UsageError
 from meshproxy.manifest import parse_manifest
 from meshproxy.pki import cert_to_pem
 
@@ -65,11 +71,28 @@ def register(sub: Any) -> None:
         "verify",
         help="verify the whole cluster with one attestation",
         description="Verify the coordinator's quote (fresh nonce, bound root certificate), "
-        "then check that it enforces exactly FILE (SHA-256 fingerprint). Only then save the "
-        "root certificate, which later commands and clients pin. Exit 0 only if all holds.",
+        "check its enclave identity against the --policy file, then check that it enforces "
+        "exactly FILE (SHA-256 fingerprint). Only then save the root certificate, which "
+        "later commands and clients pin. Exit 0 only if all holds. The policy file (YAML or "
+        "JSON, MarbleRun's coordinator-era.json keys) pins UniqueID, or SignerID with "
+        "ProductID and a minimum SecurityVersion; Debug (allowed, default false); "
+        "AcceptedTCBStatuses; AcceptedAdvisories. Without --policy any coordinator enclave "
+        "on a trusted platform passes, and a warning says so.",
     )
     v.add_argument("file", type=Path, metavar="FILE")
     add_coordinator_options(v)
+    v.add_argument(
+        "--policy",
+        type=Path,
+        metavar="POLICY",
+        help="the coordinator identity to require (see above); strongly recommended",
+    )
+    v.add_argument(
+        "--collateral",
+        type=Path,
+        metavar="FILE",
+        help="Intel collateral (dcap-qvl JSON) to rate a hardware coordinator's TCB level",
+    )
     v.add_argument("-o", "--output", type=Path, metavar="ROOT_PEM", help="also write the root here")
     v.set_defaults(func=_verify)
 
@@ -171,12 +194,31 @@ def _get(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     raw = read_file(args.file)
     expected = hashlib.sha256(raw).hexdigest()
+    # Both files are read before anything is fetched: a bad one fails here, named.
+    policy = load_coordinator_policy(args.policy) if args.policy is not None else None
+    collateral = read_collateral(args.collateral) if args.collateral is not None else None
     evidence = fetch_evidence(
         args.coordinator,
         accept_simulation=args.accept_simulation,
         platform_dir=args.platform_dir,
         timeout=args.timeout,
+        collateral=collateral,
     )
+    if policy is None:
+        print(
+            "meshproxy: warning: no --policy: the coordinator's enclave identity (UniqueID, "
+            "or SignerID + ProductID + SecurityVersion) was not pinned, so any coordinator "
+            "enclave on a trusted platform passes; give --policy FILE",
+            file=sys.stderr,
+        )
+    else:
+        try:
+            check_coordinator(evidence.verified, policy)
+        except PolicyError as exc:
+            raise PolicyError(
+                f"coordinator {args.coordinator} refused by policy {args.policy}: {exc}; "
+                "nothing saved"
+            ) from None
     data = Connection(args.coordinator, evidence.root, args.timeout).request(
         "GET", wire.CLIENT_PATHS["manifest"]
     )
@@ -192,10 +234,16 @@ def _verify(args: argparse.Namespace) -> int:
     if args.output is not None:
         write_output(args.output, root_pem)
     mode = "SIMULATED (no hardware isolation)" if evidence.verified.simulated else "hardware"
+    pinned = (
+        f"policy {args.policy} holds: {describe_coordinator_policy(policy)}"
+        if policy is not None
+        else "identity NOT pinned (no --policy)"
+    )
     print(
         f"coordinator verified: {mode} quote, UniqueID {ident.unique_id.hex()}, "
         f"SignerID {ident.signer_id.hex()}, ProductID {ident.product_id}, "
         f"SecurityVersion {ident.security_version}, TCB {evidence.verified.tcb_status}\n"
+        f"coordinator identity: {pinned}\n"
         f"manifest verified: fingerprint {actual}\n"
         f"root certificate saved to {args.output or saved_root_path(args.coordinator)}"
     )

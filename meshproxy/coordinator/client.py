@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from meshproxy._redact import Secret
 from meshproxy.attestation import (
+    Collateral,
     QuoteProvider,
     SimulationPlatform,
     TrustAnchor,
@@ -263,8 +264,10 @@ def fetch_evidence(
     platform_dir: Path | None = None,
     timeout: float = 10.0,
     now: datetime | None = None,
+    collateral: Collateral | None = None,
 ) -> ClusterEvidence:
-    """Verify the coordinator's quote over a fresh nonce; return the root it binds."""
+    """Verify the coordinator's quote over a fresh nonce; return the root it binds. With
+    Intel ``collateral`` a hardware quote's TCB status is evaluated too."""
     now = now or datetime.now(UTC)
     nonce = os.urandom(32)
     q = base64.urlsafe_b64encode(nonce).decode().rstrip("=")
@@ -280,7 +283,8 @@ def fetch_evidence(
         raise PKIError(f"coordinator {address} sent {len(certs)} certificates, expected 2")
     intermediate, root = certs
     try:
-        verified = verify_quote(quote, anchors_for(accept_simulation, platform_dir, now), now=now)
+        anchors = anchors_for(accept_simulation, platform_dir, now)
+        verified = verify_quote(quote, anchors, now=now, collateral=collateral)
     except AttestationError as exc:
         if exc.check == "vendor" and not accept_simulation:
             raise AttestationError(
