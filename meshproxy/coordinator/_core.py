@@ -49,7 +49,7 @@ from meshproxy.coordinator._sealkey import marble_sealing_key
 from meshproxy.coordinator._state import MESSAGES, Event, State, advance, require
 from meshproxy.coordinator._store import StoreConflict
 from meshproxy.coordinator._updates import effective, log_line
-from meshproxy.errors import AttestationError, PKIError, PolicyError, StoreError
+from meshproxy.errors import AttestationError, MeshError, PKIError, PolicyError, StoreError
 from meshproxy.manifest import (
     Manifest,
     Marble,
@@ -223,6 +223,11 @@ class CoordinatorCore:
     @property
     def persistent(self) -> PersistentState:
         return self._s
+
+    @property
+    def shares_store(self) -> bool:
+        """Other replicas write the same state (``sync`` before reading it)."""
+        return self._refresh is not None
 
     def status(self) -> tuple[int, str]:
         message = MESSAGES[self._s.state]
@@ -485,6 +490,46 @@ class CoordinatorCore:
         marble = self.current_manifest().marbles.get(marble_type)
         return marble is not None and marble.max_activations > 0
 
+    def activate_many(
+        self, batch: Sequence[tuple[ActivationRequest, datetime]]
+    ) -> list[ActivationResult | MeshError]:
+        """Activations that arrived together, with one commit for all (group commit).
+
+        Each is checked and computed in turn on the state its predecessors left, so
+        MaxActivations holds inside the batch; the state with all counted activations is
+        committed once, and only then are any of them answered. If that commit fails,
+        every counted activation of the batch fails with it and memory keeps the state of
+        before the batch. With a shared store each activation commits on its own, since a
+        lost compare-and-swap recomputes one activation, not a batch.
+        """
+        if self._refresh is not None:
+            return [self._try_activate(req, now) for req, now in batch]
+        before, real = self._s, self._commit
+        deferred: list[PersistentState] = []
+        self._commit = deferred.append
+        try:
+            results = [self._try_activate(req, now) for req, now in batch]
+        finally:
+            self._commit = real
+        if deferred:
+            try:
+                real(self._s)
+            except MeshError as exc:
+                self._adopt(before)
+                for i, (req, _) in enumerate(batch):
+                    if not isinstance(results[i], MeshError) and self._needs_commit(
+                        req.marble_type
+                    ):
+                        results[i] = exc
+                        self.activated[req.marble_type] -= 1
+        return results
+
+    def _try_activate(self, req: ActivationRequest, now: datetime) -> ActivationResult | MeshError:
+        try:
+            return self.activate(req, now=now)
+        except MeshError as exc:
+            return exc
+
     def renew(self, req: ActivationRequest, *, now: datetime) -> RenewalResult:
         """A new leaf under the current intermediate for a marble that attests again.
 
@@ -513,10 +558,11 @@ class CoordinatorCore:
         csr: x509.CertificateSigningRequest,
         now: datetime,
     ) -> RenderedParameters:
+        used = _used_secrets(manifest, marble)
         unset = [
             name
             for name, spec in manifest.secrets.items()
-            if spec.user_defined and name not in s.user_secrets and _uses(marble, name)
+            if spec.user_defined and name not in s.user_secrets and name in used
         ]
         if unset:
             raise PolicyError(
@@ -533,6 +579,7 @@ class CoordinatorCore:
             marble_type=marble.name,
             instance=instance,
             now=now,
+            only=used,
         )
         previous = _secrets.previous_for_marble(
             manifest,
@@ -541,6 +588,7 @@ class CoordinatorCore:
             s.previous_root_secret,
             marble_type=marble.name,
             instance=instance,
+            only=used,
         )
         data = TemplateData(
             secrets=secrets,
@@ -559,6 +607,20 @@ class CoordinatorCore:
             },
         )
         return render_parameters(marble, data)
+
+
+_USED: dict[tuple[str, str], frozenset[str]] = {}
+
+
+def _used_secrets(manifest: Manifest, marble: Marble) -> frozenset[str]:
+    """The secrets a marble's templates name: the only ones made for its activation."""
+    key = (manifest.fingerprint, marble.name)
+    used = _USED.get(key)
+    if used is None:
+        if len(_USED) > 1024:
+            _USED.clear()
+        used = _USED[key] = frozenset(n for n in manifest.secrets if _uses(marble, n))
+    return used
 
 
 def _uses(marble: Marble, secret: str) -> bool:
