@@ -24,6 +24,7 @@ reach different replicas of a cluster (every replica checks every replica's nonc
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.client
 import json
@@ -31,7 +32,7 @@ import os
 import socket
 import ssl
 import uuid as uuidlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -157,9 +158,23 @@ class Connection:
         self.timeout = timeout
         self.identity = identity
         self.headers = dict(headers or {})
+        self._keep = False  # inside kept_open(): requests share one TLS connection
+        self._kept: http.client.HTTPSConnection | None = None
 
     def __repr__(self) -> str:
         return f"<Connection {self.address} pinned={self.root is not None}>"
+
+    @contextlib.contextmanager
+    def kept_open(self) -> Iterator[Connection]:
+        """Requests inside share one TLS connection (one handshake), closed at the end."""
+        self._keep = True
+        try:
+            yield self
+        finally:
+            self._keep = False
+            if self._kept is not None:
+                self._kept.close()
+                self._kept = None
 
     def _context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -180,15 +195,18 @@ class Connection:
         return ctx
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
-        conn = http.client.HTTPSConnection(
-            self.host, self.port, timeout=self.timeout, context=self._context()
-        )
+        conn, self._kept = self._kept, None
         where = f"coordinator {self.address}"
+        reuse = False
         try:
-            conn.connect()
-            presented = conn.sock.getpeercert(binary_form=True) if conn.sock else None
-            if self.root is not None and presented != self.root.public_bytes(Encoding.DER):
-                raise PKIError(f"{where} does not present the pinned root certificate")
+            if conn is None:
+                conn = http.client.HTTPSConnection(
+                    self.host, self.port, timeout=self.timeout, context=self._context()
+                )
+                conn.connect()
+                presented = conn.sock.getpeercert(binary_form=True) if conn.sock else None
+                if self.root is not None and presented != self.root.public_bytes(Encoding.DER):
+                    raise PKIError(f"{where} does not present the pinned root certificate")
             payload = json.dumps(body).encode() if body is not None else None
             headers = dict(self.headers)
             if payload:
@@ -196,6 +214,7 @@ class Connection:
             conn.request(method, path, body=payload, headers=headers)
             resp = conn.getresponse()
             raw = resp.read()
+            reuse = self._keep and not resp.will_close
         except ssl.SSLCertVerificationError as exc:
             raise PKIError(
                 f"{where} presented a certificate that does not chain to the pinned root "
@@ -215,7 +234,10 @@ class Connection:
         except (OSError, http.client.HTTPException) as exc:
             raise ConnectError(f"cannot reach {where}: {_reason(exc)}") from None
         finally:
-            conn.close()
+            if reuse:
+                self._kept = conn
+            elif conn is not None:
+                conn.close()
         try:
             doc = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -349,15 +371,16 @@ def activate(
             timeout=timeout,
         ).root
     conn = Connection(address, root, timeout)
-    body = _attested_body(
-        conn,
-        marble_type=marble_type,
-        instance=instance,
-        key=key,
-        dns_names=dns_names,
-        provider=provider,
-    )
-    data = conn.request("POST", wire.MESH_PATHS["activate"], body)
+    with conn.kept_open():  # nonce and activation: one TLS handshake
+        body = _attested_body(
+            conn,
+            marble_type=marble_type,
+            instance=instance,
+            key=key,
+            dns_names=dns_names,
+            provider=provider,
+        )
+        data = conn.request("POST", wire.MESH_PATHS["activate"], body)
     try:
         leaf = certs_from_pem(data["certificate"].encode())[0]
         intermediate = certs_from_pem(data["intermediate"].encode())[0]
