@@ -68,6 +68,7 @@ from meshproxy.attestation._templates import (
 )
 from meshproxy.attestation._verify import (
     INTEL_QE_VENDOR_ID,
+    EvidenceCache,
     TrustAnchor,
     VerifiedQuote,
     intel_anchor,
@@ -84,6 +85,7 @@ __all__ = [
     "CoordinatorPolicy",
     "EnclaveDescription",
     "EnclaveIdentity",
+    "EvidenceCache",
     "GramineProvider",
     "Ioctl",
     "OcclumProvider",

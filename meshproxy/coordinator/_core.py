@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from meshproxy._redact import Secret
 from meshproxy.attestation import (
+    EvidenceCache,
     PackagePolicy,
     QuoteProvider,
     TrustAnchor,
@@ -143,6 +144,7 @@ class CoordinatorCore:
         self._locked = locked
         self._provider = provider
         self._anchors = tuple(anchors)
+        self._evidence = EvidenceCache()  # PCK chains and QE reports checked before
         self.simulation = simulation
         self.owner = owner
         # Replicas (a shared store) recognize each other's nonces; ``_nonce``.
@@ -390,7 +392,7 @@ class CoordinatorCore:
         except PKIError as exc:
             raise PolicyError(f"bad CSR: {exc}") from None
         try:
-            verified = verify_quote(req.quote, self._anchors, now=now)
+            verified = verify_quote(req.quote, self._anchors, now=now, cache=self._evidence)
         except AttestationError as exc:
             raise PolicyError(f"quote verification failed ({exc.check}): {exc}") from None
         claims = ratls_claims_for_spki(public_der(_ec_public(csr.public_key())), nonce=req.nonce)
