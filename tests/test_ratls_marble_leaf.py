@@ -7,7 +7,9 @@ Intel SDK certificates of the vectors (``test_attestation_ratls``).
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 from test_coordinator_env import NOW, World, identity, package
 
@@ -23,10 +26,12 @@ from meshproxy.attestation import (
     intel_anchor,
     parse_ratls_extension,
     ratls_claims,
+    ratls_extension,
     simulation_anchor,
     verify_ratls_certificate,
 )
 from meshproxy.errors import AttestationError
+from meshproxy.pki import issue_leaf, make_csr
 
 
 @pytest.fixture
@@ -111,3 +116,55 @@ def test_a_renewed_leaf_carries_the_renewal_quote(world: World) -> None:
         leaf, [simulation_anchor(world.platform)], now=NOW, nonce=again.nonce
     )
     assert verified.identity == identity()
+
+
+# Gramine's verifier (tools/sgx/ra-tls/ra_tls_verify_common.c) does not parse the
+# certificate's extensions: it looks for the raw OID bytes, then expects an optional
+# BOOLEAN FALSE, an OCTET STRING with a two-byte length from 128 to SGX_QUOTE_MAX_SIZE
+# (8192), and CBOR tag 60000 over [bstr quote, bstr claims] inside.
+_EVIDENCE_OID_RAW = bytes.fromhex("0606678105050409")
+_GRAMINE_MAX = 8192
+_TAG_60000 = b"\xd9\xea\x60\x82"  # tag 60000, array of 2
+_TAG_SIMULATED = b"\xdamesh\x82"  # meshproxy's private tag: never taken for Intel evidence
+
+
+def _gramine_view(der: bytes, tag: bytes) -> bytes:
+    at = der.index(_EVIDENCE_OID_RAW) + len(_EVIDENCE_OID_RAW)
+    if der[at] == 0x01:  # criticality BOOLEAN: must be FALSE
+        assert der[at : at + 3] == b"\x01\x01\x00"
+        at += 3
+    assert der[at : at + 2] == b"\x04\x82"
+    size = int.from_bytes(der[at + 2 : at + 4], "big")
+    assert 128 <= size <= _GRAMINE_MAX
+    value = der[at + 4 : at + 4 + size]
+    assert value[: len(tag)] == tag
+    return value
+
+
+def _pem_der(path: Path) -> bytes:
+    return base64.b64decode(b"".join(path.read_bytes().split(b"-----")[2].split()))
+
+
+def test_leaves_are_laid_out_the_way_gramines_verifier_reads_them(world: World) -> None:
+    vectors = Path(__file__).parent / "vectors" / "attestation"
+    _gramine_view(_pem_der(vectors / "gramine-cert.pem"), _TAG_60000)  # what Gramine emits
+
+    # A simulated marble's leaf: the same layout under the private tag.
+    req = world.request("web")
+    leaf = _leaf(world.core.activate(req, now=NOW).leaf_pem)
+    value = _gramine_view(leaf.public_bytes(Encoding.DER), _TAG_SIMULATED)
+    assert parse_ratls_extension(value).hash_alg == 1  # SHA-256: every verifier supports it
+
+    # A hardware quote (Intel's, from the vectors) goes under tag 60000, within Gramine's
+    # size limit, in a leaf issued the way the coordinator issues marble leaves.
+    intel_quote = (vectors / "cosmian_quote.dat").read_bytes()  # the largest SGX vector
+    key = ec.generate_private_key(ec.SECP256R1())
+    claims = ratls_claims(key.public_key(), nonce=bytes(32))
+    csr = make_csr(key, "web", ["svc.test"])
+    hardware_leaf = issue_leaf(
+        world.core.intermediate, csr, trust_domain="t.local", marble_type="web",
+        instance=uuid.uuid4(), dns_names=[], lifetime=timedelta(hours=1), now=NOW,
+        simulated=False, evidence=ratls_extension(intel_quote, claims),
+    )  # fmt: skip
+    value = _gramine_view(hardware_leaf.public_bytes(Encoding.DER), _TAG_60000)
+    assert parse_ratls_extension(value).quote == intel_quote
