@@ -168,3 +168,35 @@ def test_leaves_are_laid_out_the_way_gramines_verifier_reads_them(world: World) 
     )  # fmt: skip
     value = _gramine_view(hardware_leaf.public_bytes(Encoding.DER), _TAG_60000)
     assert parse_ratls_extension(value).quote == intel_quote
+
+
+# -- meshproxy quote verify CERTIFICATE ---------------------------------------------------------
+def test_quote_verify_checks_a_marble_leaf(
+    world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from meshproxy.cli import main
+
+    leaf_pem = world.core.activate(world.request("web"), now=NOW).leaf_pem
+    path = tmp_path / "leaf.pem"
+    path.write_bytes(leaf_pem)
+    trust = ["--trust", "simulation", "--platform", str(world.platform.directory)]
+    at = ["--at", NOW.isoformat()]
+    assert main(["quote", "verify", str(path), *trust, *at]) == 0
+    out = capsys.readouterr().out
+    assert "RA-TLS certificate: its quote verifies and binds the certificate's key" in out
+    assert f"SignerID: {identity().signer_id.hex()}" in out
+
+    foreign = tmp_path / "foreign.der"
+    foreign.write_bytes(_with_foreign_key(_leaf(leaf_pem)).public_bytes(Encoding.DER))
+    assert main(["quote", "verify", str(foreign), *trust, *at]) != 0
+    err = capsys.readouterr().err
+    assert "RA-TLS certificate does not verify: ratls-binding" in err
+    assert "Traceback" not in err
+
+
+def test_quote_verify_checks_gramines_certificate(capsys: pytest.CaptureFixture[str]) -> None:
+    from meshproxy.cli import main
+
+    vector = Path(__file__).parent / "vectors" / "attestation" / "gramine-cert.pem"
+    assert main(["quote", "verify", str(vector), "--at", "2024-06-01T00:00:00+00:00"]) == 0
+    assert "Verified against the intel trust anchor" in capsys.readouterr().out
