@@ -41,6 +41,14 @@ from meshproxy.proxy import (
 )
 from meshproxy.runtime._activate import activate, quote_provider, write_files
 from meshproxy.runtime._app import Supervisor, app_environment, become_subreaper
+from meshproxy.runtime._renew import (
+    Lease,
+    Renewal,
+    RenewalSource,
+    Renewed,
+    Renewer,
+    lease_of,
+)
 from meshproxy.tls import (
     NativeEngine,
     TLSIdentity,
@@ -55,6 +63,7 @@ from meshproxy.tls import (
 
 if TYPE_CHECKING:
     from meshproxy._native_tls import Context
+    from meshproxy.attestation import QuoteProvider
     from meshproxy.coordinator.client import Activation, MeshPolicy
     from meshproxy.proxy.http import RoutePolicy
 
@@ -101,7 +110,7 @@ def run(config_path: Path, app_argv: Sequence[str]) -> int:
     provider = quote_provider(cfg)
     key = generate_key()
     activation = activate(cfg, key, provider)
-    return execute(cfg, activation, key, app_argv)
+    return execute(cfg, activation, key, app_argv, provider=provider)
 
 
 def execute(
@@ -112,14 +121,24 @@ def execute(
     *,
     shutdown_grace: float = SHUTDOWN_GRACE,
     drain_grace: float = DRAIN_GRACE,
+    provider: QuoteProvider | None = None,
 ) -> int:
-    """Everything after activation: Files, listeners, the app, supervision."""
+    """Everything after activation: Files, listeners, the app, supervision; with a quote
+    ``provider`` the certificate is renewed while it runs (``_renew``)."""
     plan = make_plan(cfg, activation, key, app_argv)
     plan = dataclasses.replace(plan, shutdown_grace=shutdown_grace, drain_grace=drain_grace)
     cfg.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(cfg.workdir, 0o700)
     write_files(cfg.files_root, activation.files)
-    return uvloop.run(serve(plan))
+    renewal = None
+    if provider is not None:
+        source = RenewalSource(
+            address=str(cfg.coordinator.address), marble_type=cfg.marble.type,
+            instance=activation.uuid, dns_names=cfg.marble.dns_names, provider=provider,
+            root=activation.root,
+        )  # fmt: skip
+        renewal = (source, lease_of(activation.leaf, activation.intermediate))
+    return uvloop.run(serve(plan, renewal))
 
 
 def make_plan(
@@ -196,13 +215,13 @@ def resolve_allow(cfg: MarbleConfig, mesh: MeshPolicy) -> dict[str, tuple[str, .
     return out
 
 
-async def serve(plan: RunPlan) -> int:
+async def serve(plan: RunPlan, renewal: tuple[RenewalSource, Lease] | None = None) -> int:
     """Listeners, the app, readiness and supervision; returns the app's exit status."""
     cfg = plan.config
     connections = ConnectionSet()
-    ready = False
+    state = _Serving(plan)
     metrics = ProxyMetrics(tls_backend=active_backend())
-    admin = AdminServer(cfg.admin_socket, ready=lambda: ready, metrics=metrics)
+    admin = AdminServer(cfg.admin_socket, ready=lambda: state.ready, metrics=metrics)
     engine = NativeEngine() if active_backend() == "native" else None  # tcp listeners' TLS
     if engine is not None:
         log.info("native TLS engine started", extra={"event": "tls.engine",
@@ -213,25 +232,26 @@ async def serve(plan: RunPlan) -> int:
                     extra={"event": "runtime.subreaper"})  # fmt: skip
     supervisor = Supervisor(plan.argv, plan.env, grace=plan.shutdown_grace)
     supervisor.install()
+    renewer: asyncio.Task[None] | None = None
     try:
         await admin.start()
-        bound = {li.spec.name: _hostport(*await li.start()) for li in inbound}
-        sockets = {lo.spec.name: str(await lo.start()) for lo in outbound}
-        for name, where in {**bound, **sockets}.items():
-            log.info("listening", extra={"event": "listener.start", "listener": name,
-                                         "address": where})  # fmt: skip
+        await state.open(inbound, outbound)
         pid = supervisor.start()
         if supervisor.terminating.done():
             supervisor.terminate()
-        doc = {"inbound": bound, "outbound": sockets, "admin": str(cfg.admin_socket), "pid": pid}
-        await asyncio.to_thread(_write_ready, cfg.ready_file, doc)
+        state.doc["pid"] = pid
+        await asyncio.to_thread(_write_ready, cfg.ready_file, state.doc)
         if not supervisor.exited:
-            ready = True
+            state.ready = True
             log.info("ready", extra={"event": "runtime.ready", "pid": pid})
+        if renewal is not None:
+            renewer = asyncio.ensure_future(
+                _renewer(renewal, state, inbound, outbound, connections).run()
+            )
         waiter = asyncio.ensure_future(supervisor.wait())
         either: list[asyncio.Future[Any]] = [waiter, supervisor.terminating]
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        ready = False
+        state.ready = False
         for li in inbound:
             li.stop_accepting()
         for lo in outbound:
@@ -241,7 +261,10 @@ async def serve(plan: RunPlan) -> int:
         log.info("exiting", extra={"event": "runtime.exit", "code": code, "dropped": dropped})
         return code
     finally:
-        ready = False
+        state.ready = False
+        if renewer is not None:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
         for li in inbound:
             li.stop_accepting()
         for lo in outbound:
@@ -254,6 +277,82 @@ async def serve(plan: RunPlan) -> int:
         if engine is not None:
             await engine.aclose()  # after the drain: ends what the grace period left open
         cfg.ready_file.unlink(missing_ok=True)
+
+
+class _Serving:
+    """Readiness and the bound addresses (``ready.json``), across a cut-off and back."""
+
+    def __init__(self, plan: RunPlan) -> None:
+        self.plan = plan
+        self.ready = False
+        self.doc: dict[str, Any] = {"admin": str(plan.config.admin_socket)}
+
+    async def open(self, inbound: Sequence[Inbound], outbound: Sequence[Outbound]) -> None:
+        bound = {li.spec.name: _hostport(*await li.start()) for li in inbound}
+        sockets = {lo.spec.name: str(await lo.start()) for lo in outbound}
+        for name, where in {**bound, **sockets}.items():
+            log.info("listening", extra={"event": "listener.start", "listener": name,
+                                         "address": where})  # fmt: skip
+        self.doc.update({"inbound": bound, "outbound": sockets})
+
+
+def _renewer(
+    renewal: tuple[RenewalSource, Lease],
+    state: _Serving,
+    inbound: Sequence[Inbound],
+    outbound: Sequence[Outbound],
+    connections: ConnectionSet,
+) -> Renewer:
+    source, lease = renewal
+    cfg = state.plan.config
+
+    async def renew() -> Renewed:
+        return await asyncio.to_thread(source.renew)
+
+    async def current() -> str | None:
+        return await asyncio.to_thread(source.current_intermediate)
+
+    async def apply(renewed: Renewed) -> None:
+        assert isinstance(renewed.payload, Renewal)
+        set_identity(renewed.payload.identity, cfg, inbound, outbound)
+        _set_allow(cfg, renewed.payload.mesh, inbound)
+        if cut_off_now.is_set():  # expired before: serve again
+            cut_off_now.clear()
+            await state.open(inbound, outbound)
+            await asyncio.to_thread(_write_ready, cfg.ready_file, state.doc)
+            state.ready = True
+
+    cut_off_now = asyncio.Event()
+
+    async def cut_off() -> None:
+        cut_off_now.set()
+        state.ready = False
+        for li in inbound:
+            li.stop_accepting()
+        for lo in outbound:
+            lo.stop_accepting()
+        await connections.drain(0)
+
+    return Renewer(lease, renew=renew, current_intermediate=current, apply=apply,
+                   cut_off=cut_off)  # fmt: skip
+
+
+def _set_allow(cfg: MarbleConfig, mesh: MeshPolicy, inbound: Sequence[Inbound]) -> None:
+    """A manifest update may change Mesh.Allow: new connections follow it. When the
+    config's ``allow`` now names callers the manifest no longer allows, only the ones it
+    still allows are admitted (narrowed, never widened)."""
+    manifest = mesh.callers_of(cfg.marble.type)
+    by_name = {i.name: i for i in cfg.inbound}
+    for li in inbound:
+        c = by_name[li.spec.name]
+        if c.clients != "marbles":
+            continue
+        allowed = manifest if c.allow is None else tuple(t for t in c.allow if t in manifest)
+        if allowed != li.spec.allow:
+            log.warning("callers changed with the manifest", extra={
+                "event": "inbound.allow_changed", "listener": c.name,
+                "allow": list(allowed)})  # fmt: skip
+            li.spec = dataclasses.replace(li.spec, allow=allowed)
 
 
 Inbound = InboundListener | NativeInboundListener
