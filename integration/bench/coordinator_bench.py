@@ -2,7 +2,7 @@
 activation latency under load, marble start-to-ready.
 
     .venv/bin/python -m integration.bench.coordinator_bench [--activations 1500]
-        [--concurrency 16] [--ready-samples 5] [--only plain|counted|secrets ...]
+        [--concurrency 16] [--rate 300] [--ready-samples 5] [--only plain|counted|secrets ...]
         [--json results-coordinator.json]
 
 A simulated coordinator runs pinned to CPU 1 (every thread of it) and gets a manifest with
@@ -22,7 +22,10 @@ Figures per scenario: activations per wall second; per coordinator CPU-second (u
 stime of the coordinator process from /proc, all threads); the coordinator's CPU use
 (1.0 = one core busy); the load generator's CPU milliseconds per activation (if that
 times the rate nears 1.0, the load generator is the bottleneck, and the table says so);
-p50/p99 latency from connect to the parsed answer. Start-to-ready is the wall time from
+p50/p99 latency from connect to the parsed answer. The scenarios run closed-loop (each
+marble starts its next activation when one is answered: saturation); then ``--rate``
+starts plain activations at a fixed rate whatever the answers do (latency under a steady
+load below saturation). Start-to-ready is the wall time from
 spawning ``meshproxy run`` (measure, attest, activate, write files, start listeners and
 the app) to its ``ready.json``. Numbers on a shared machine are noisy.
 """
@@ -175,14 +178,33 @@ async def _closed_loop(load: Load, concurrency: int) -> None:
     await asyncio.gather(*(slot() for _ in range(concurrency)))
 
 
-def run_load(load: Load, concurrency: int) -> None:
+async def _open_loop(load: Load, rate: float) -> None:
+    """Activations start at ``rate`` per second whatever the answers do (a steady load)."""
+    tasks = []
+    start = time.perf_counter()
+
+    async def one(marble: PreparedMarble) -> None:
+        try:
+            await _activate_one(load, marble)
+        except (OSError, RuntimeError, ValueError, asyncio.IncompleteReadError) as exc:
+            load.errors.append(str(exc))
+
+    for i, marble in enumerate(load.marbles):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(marble)))
+    await asyncio.gather(*tasks)
+
+
+def run_load(load: Load, concurrency: int, rate: float | None = None) -> None:
     try:
         import uvloop
 
         runner: Any = uvloop.run
     except ImportError:
         runner = asyncio.run
-    runner(_closed_loop(load, concurrency))
+    runner(_open_loop(load, rate) if rate else _closed_loop(load, concurrency))
 
 
 def client_context(root: x509.Certificate) -> ssl.SSLContext:
@@ -203,11 +225,12 @@ def measure(
     marble_type: str,
     activations: int,
     concurrency: int,
+    rate: float | None = None,
 ) -> dict[str, Any]:
     host, port = client.parse_address(mesh_addr)
     load = Load(host, port, client_context(root), provider, prepare(marble_type, activations))
     cpu0, own0, wall0 = cpu_seconds(pid), time.process_time(), time.perf_counter()
-    run_load(load, concurrency)
+    run_load(load, concurrency, rate)
     wall = time.perf_counter() - wall0
     cpu, own = cpu_seconds(pid) - cpu0, time.process_time() - own0
     n = len(load.latencies)
@@ -229,7 +252,7 @@ def measure(
 
 # -- the scenario ---------------------------------------------------------------------------
 def run(
-    activations: int, concurrency: int, ready_samples: int, only: list[str]
+    activations: int, concurrency: int, ready_samples: int, only: list[str], rate: float
 ) -> dict[str, Any]:
     from integration.conftest import Mesh, Signer
 
@@ -237,6 +260,7 @@ def run(
     results: dict[str, Any] = {
         "activations": activations,
         "concurrency": concurrency,
+        "rate": rate,
         "pinned": _two_cpus(),
     }
     with Cluster(base) as c:
@@ -298,6 +322,17 @@ def run(
                 activations=activations,
                 concurrency=concurrency,
             )
+        if rate:  # latency under a steady load below saturation
+            results["steady"] = measure(
+                pid=pid,
+                mesh_addr=c.mesh_addr,
+                root=root,
+                provider=provider,
+                marble_type="plain",
+                activations=max(int(rate * 4), 100),
+                concurrency=concurrency,
+                rate=rate,
+            )
         ready = []
         app = [sys.executable, "-c", "import time; time.sleep(30)"]
         for i in range(ready_samples):
@@ -320,7 +355,8 @@ def report(results: dict[str, Any]) -> str:
         f"{'scenario':<36}{'act/s':>8}{'act/cpu-s':>10}{'coord cpu':>10}{'gen ms':>8}"
         f"{'p50 ms':>8}{'p99 ms':>8}{'errors':>7}"
     ]
-    for name, text in SCENARIOS.items():
+    steady = f"plain, steady {results['rate']:g}/s offered"
+    for name, text in [*SCENARIOS.items(), ("steady", steady)]:
         r = results.get(name)
         if r is None:
             continue
@@ -352,12 +388,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--only", action="append", choices=sorted(SCENARIOS), help="run only these scenarios"
     )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=300.0,
+        help="then 4 s of plain activations started at this rate, for latency under a "
+        "steady load (300/s; 0: skip)",
+    )
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
     if _two_cpus():
         os.sched_setaffinity(0, {LOAD_CPU})
     only = args.only or list(SCENARIOS)
-    results = run(args.activations, args.concurrency, args.ready_samples, only)
+    results = run(args.activations, args.concurrency, args.ready_samples, only, args.rate)
     print(report(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
