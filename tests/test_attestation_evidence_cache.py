@@ -74,3 +74,15 @@ def test_hardware_quotes_verify_the_same_with_the_cache(name: str) -> None:
         return
     for _ in range(2):  # cold, then warm
         assert verify_quote(quote, [intel_anchor()], now=HW_NOW, cache=cache) == expected
+
+
+def test_a_forged_qe_report_signature_fails_with_a_warm_cache(tmp_path: Path) -> None:
+    platform = SimulationPlatform.load_or_create(tmp_path / "p", now=NOW)
+    anchors = [simulation_anchor(platform)]
+    cache = EvidenceCache()
+    verify_quote(platform.quote(b"a" * 32, IDENTITY), anchors, now=NOW, cache=cache)
+    quote = bytearray(platform.quote(b"b" * 32, IDENTITY))  # the same QE report as before
+    qe_report_signature = 48 + 384 + 4 + 64 + 64 + 384  # header, body, length, sig, key, report
+    quote[qe_report_signature] ^= 1
+    with pytest.raises(AttestationError, match="qe-report-signature"):
+        verify_quote(bytes(quote), anchors, now=NOW, cache=cache)
