@@ -43,9 +43,9 @@ from meshproxy.attestation import (
     verify_ratls_certificate,
 )
 from meshproxy.config import load_marble_config
-from meshproxy.errors import CoordinatorError
+from meshproxy.errors import CoordinatorError, PolicyError
 from meshproxy.pki import generate_key
-from meshproxy.runtime._activate import activate, quote_provider
+from meshproxy.runtime._activate import activate, activate_with_retry, quote_provider
 
 VECTORS = Path(__file__).parent.parent / "tests" / "vectors" / "attestation"
 INTEL_QUOTE = (VECTORS / "dcapqvl_sgx_quote.bin").read_bytes()
@@ -233,15 +233,47 @@ def test_gramine_marble_activates_and_gets_its_sealing_key(mesh: Mesh, tmp_path:
         proc.stop()
 
 
+DEMO_POLICY = Path(__file__).parent.parent / "configs" / "demo" / "coordinator-policy.yaml"
+
+
+def _policy_config(mesh: Mesh, name: str, policy: Path) -> Path:
+    """A simulated marble whose config (measured, so set before signing) has a policy."""
+    coordinator = {"address": mesh.c.mesh_addr, "activation_timeout": "20s", "policy": str(policy)}
+    return mesh.marble_config(name, "web", app=SLEEP, extra={"coordinator": coordinator})
+
+
 def test_an_activated_marble_leaf_is_an_ra_tls_certificate(
-    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     mesh.set_manifest(_manifest(mesh))
     monkeypatch.setenv("MESHPROXY_SIM_PLATFORM", str(mesh.c.base / "sim-platform"))
-    cfg = load_marble_config(mesh.marble_config("ratls", "web", app=SLEEP))
+    config = _policy_config(mesh, "ratls", DEMO_POLICY)
+    cfg = load_marble_config(config)
     activation = activate(cfg, generate_key(), quote_provider(cfg))
+    assert "not pinned" not in caplog.text  # the coordinator passed the demo's policy
     platform = SimulationPlatform.load(mesh.c.base / "sim-platform")
     now = datetime.now(UTC)
     verified = verify_ratls_certificate(activation.leaf, [simulation_anchor(platform)], now=now)
     assert verified.identity.signer_id.hex() == mesh.signer.signer_id
     assert verified.identity.product_id == 1
+
+
+def test_a_marble_refuses_a_coordinator_its_policy_does_not_pin(
+    mesh: Mesh, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mesh.set_manifest(_manifest(mesh))
+    monkeypatch.setenv("MESHPROXY_SIM_PLATFORM", str(mesh.c.base / "sim-platform"))
+    policy = mesh.c.base / "strict-policy.yaml"
+    policy.write_text(DEMO_POLICY.read_text().replace("SecurityVersion: 1", "SecurityVersion: 4"))
+    config = _policy_config(mesh, "strict", policy)
+    cfg = load_marble_config(config)
+    calls: list[float] = []
+    with pytest.raises(PolicyError) as exc:
+        activate_with_retry(
+            "coordinator",
+            lambda t: activate(cfg, generate_key(), quote_provider(cfg)),
+            timeout=30,
+            sleep=calls.append,
+        )
+    assert "refused by policy: SecurityVersion: the coordinator has 1" in str(exc.value)
+    assert calls == []  # a trust failure is not retried

@@ -169,3 +169,16 @@ def test_sealing_key_is_per_instance_and_stable(world: World) -> None:
     restarted = world.core.activate(world.request("web", instance=instance), now=NOW)
     assert restarted.sealing_key == first
     assert first.reveal().hex() not in repr(restarted)
+
+
+# -- the marble's coordinator policy ----------------------------------------------------------
+def test_coordinator_policy_is_a_path_beside_the_config(tmp_path: Path) -> None:
+    doc = copy.deepcopy(BASE)
+    doc["coordinator"]["policy"] = "coordinator-policy.yaml"
+    path = tmp_path / "marble.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert load_marble_config(path).coordinator.policy == tmp_path / "coordinator-policy.yaml"
+    doc["coordinator"]["root_cert"] = "root.pem"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=r"coordinator.policy: give root_cert or policy"):
+        load_marble_config(path)

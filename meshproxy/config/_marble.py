@@ -59,6 +59,7 @@ class CoordinatorConfig:
     address: Address
     root_cert: Path | None
     activation_timeout: float
+    policy: Path | None = None  # the coordinator identity to require (manifest verify's format)
 
 
 @dataclass(frozen=True)
@@ -176,14 +177,20 @@ def parse_marble_config(root: Node, *, base_dir: Path, source: Path) -> MarbleCo
 
 # -- sections -----------------------------------------------------------------------------
 def _coordinator(node: Node, base: Path) -> CoordinatorConfig:
-    m = node.mapping(["address", "root_cert", "activation_timeout"], required=["address"])
+    m = node.mapping(["address", "root_cert", "activation_timeout", "policy"], required=["address"])
     timeout = DEFAULT_ACTIVATION_TIMEOUT
     if _given(m, "activation_timeout"):
         timeout = parse_duration(m["activation_timeout"])
+    if _given(m, "root_cert") and _given(m, "policy"):
+        m["policy"].fail(
+            "give root_cert or policy, not both: a pinned root is trusted as is, a policy "
+            "checks the coordinator's quote"
+        )
     return CoordinatorConfig(
         address=parse_address(m["address"], allow_port_zero=False),
         root_cert=_path(m["root_cert"], base) if _given(m, "root_cert") else None,
         activation_timeout=timeout,
+        policy=_path(m["policy"], base) if _given(m, "policy") else None,
     )
 
 

@@ -45,10 +45,12 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from meshproxy._redact import Secret
 from meshproxy.attestation import (
     Collateral,
+    CoordinatorPolicy,
     QuoteProvider,
     SimulationPlatform,
     TrustAnchor,
     VerifiedQuote,
+    check_coordinator,
     default_platform_dir,
     intel_anchor,
     ratls_report_data,
@@ -56,7 +58,13 @@ from meshproxy.attestation import (
     verify_quote,
 )
 from meshproxy.coordinator import _wire as wire
-from meshproxy.errors import AttestationError, ConnectError, CoordinatorError, PKIError
+from meshproxy.errors import (
+    AttestationError,
+    ConnectError,
+    CoordinatorError,
+    PKIError,
+    PolicyError,
+)
 from meshproxy.manifest import RouteRule
 from meshproxy.pki import cert_to_pem, certs_from_pem, make_csr, public_der, verify_issued_by
 
@@ -361,15 +369,24 @@ def activate(
     accept_simulation: bool,
     platform_dir: Path | None,
     timeout: float = 10.0,
+    policy: CoordinatorPolicy | None = None,
 ) -> Activation:
-    """One activation attempt (ARCHITECTURE section 5). Blocking."""
+    """One activation attempt (ARCHITECTURE section 5). Blocking. Without a pinned
+    ``root`` the coordinator's quote is verified, and its identity checked against
+    ``policy`` (a ``PolicyError`` naming the field: not worth retrying)."""
     if root is None:
-        root = fetch_evidence(
+        evidence = fetch_evidence(
             address,
             accept_simulation=accept_simulation,
             platform_dir=platform_dir,
             timeout=timeout,
-        ).root
+        )
+        if policy is not None:
+            try:
+                check_coordinator(evidence.verified, policy)
+            except PolicyError as exc:
+                raise PolicyError(f"coordinator {address} refused by policy: {exc}") from None
+        root = evidence.root
     conn = Connection(address, root, timeout)
     with conn.kept_open():  # nonce and activation: one TLS handshake
         body = _attested_body(

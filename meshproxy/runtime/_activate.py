@@ -160,12 +160,24 @@ def activate(
             root = cert_from_pem(cfg.coordinator.root_cert.read_bytes(), "coordinator.root_cert")
         except OSError as exc:
             raise ConfigError(f"coordinator.root_cert {cfg.coordinator.root_cert}: {exc}") from None
+    policy = None
+    if cfg.coordinator.policy is not None:
+        from meshproxy.attestation import load_coordinator_policy
+
+        policy = load_coordinator_policy(cfg.coordinator.policy)
     instance = instance_uuid(cfg.marble.uuid_file)
     address = str(cfg.coordinator.address)
+    if root is None and policy is None:
+        log.warning(
+            "the coordinator's identity is not pinned: set coordinator.policy (or root_cert); "
+            "any coordinator enclave on a trusted platform is accepted",
+            extra={"event": "activation.unpinned", "coordinator": address},
+        )
     log.info(
         "activating",
         extra={"event": "activation.start", "coordinator": address, "uuid": str(instance),
-               "marble_type": cfg.marble.type, "pinned_root": root is not None},
+               "marble_type": cfg.marble.type, "pinned_root": root is not None,
+               "policy": str(cfg.coordinator.policy) if policy is not None else None},
     )  # fmt: skip
 
     def attempt(per_attempt: float) -> Activation:
@@ -180,6 +192,7 @@ def activate(
             accept_simulation=cfg.attestation.accept_simulation,
             platform_dir=cfg.attestation.platform_dir,
             timeout=per_attempt,
+            policy=policy,
         )
 
     activation = activate_with_retry(address, attempt, timeout=cfg.coordinator.activation_timeout)
