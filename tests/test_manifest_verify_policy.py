@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshproxy.attestation import (
     CoordinatorPolicy,
@@ -200,3 +202,41 @@ def test_a_hardware_debug_enclave_is_refused_unless_allowed() -> None:
     with pytest.raises(PolicyError, match=r"^Debug: "):
         check_coordinator(verified, policy)
     check_coordinator(verified, _pin(verified, accepted_tcb_statuses=("NotEvaluated",), debug=True))
+
+
+# -- fuzzing: any document is a policy or a ConfigError ------------------------------------------
+_SCALARS = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=70)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+_KEYS = st.sampled_from(
+    ["UniqueID", "SignerID", "ProductID", "SecurityVersion", "Debug", "AcceptedTCBStatuses",
+     "AcceptedAdvisories", "signerid", "Other"]
+)  # fmt: skip
+
+
+def _outcome(doc: Any) -> CoordinatorPolicy | str:
+    from meshproxy.attestation import parse_coordinator_policy
+    from meshproxy.config import Node
+
+    try:
+        return parse_coordinator_policy(Node(doc, "policy.yaml", ""))
+    except ConfigError as exc:  # anything else fails the test
+        return str(exc)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(_KEYS, _VALUES | st.just(SIGNER.hex()) | st.just(UNIQUE.hex()), max_size=6)
+    | _VALUES
+)
+def test_any_document_is_a_policy_or_a_config_error(doc: Any) -> None:
+    outcome = _outcome(doc)
+    if isinstance(outcome, str):
+        assert outcome.startswith("policy.yaml")
+    else:
+        assert outcome.unique_id is not None or outcome.signer_id is not None
