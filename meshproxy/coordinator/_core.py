@@ -511,6 +511,9 @@ class CoordinatorCore:
         self._commit = deferred.append
         try:
             results = [self._try_activate(req, now) for req, now in batch]
+        except BaseException:
+            self._adopt(before)  # nothing of this batch was committed or answered
+            raise
         finally:
             self._commit = real
         if deferred:
