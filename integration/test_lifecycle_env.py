@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -191,7 +191,7 @@ def make_etcd_tls(directory: Path) -> EtcdTLSFiles:
 
     def issue(
         name: str, key: ec.EllipticCurvePrivateKey, ca: tuple[x509.Certificate, Any] | None,
-        extensions: list[tuple[x509.ExtensionType, bool]],
+        extensions: Sequence[tuple[x509.ExtensionType, bool]],
     ) -> x509.Certificate:  # fmt: skip
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         builder = (

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from integration.harness import Cluster, Proc
+from integration.harness import Cluster, Proc, wait_for
 from integration.test_lifecycle_env import (
     Marble,
     etcd_server,
@@ -132,3 +132,26 @@ def test_wrong_etcd_tls_settings_are_refused_clearly(
         assert res.returncode != 0
         assert message in res.stderr, res.stderr
         assert "Traceback" not in res.stderr
+
+
+def test_etcd_nonce_claims_are_first_come_and_expire_with_their_lease(tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from meshproxy.coordinator._etcd import EtcdStore, EtcdTLS
+
+    tls = make_etcd_tls(tmp_path / "etcd-tls")
+    with etcd_server(tmp_path, tls=tls) as etcd:
+        store = EtcdStore([etcd.url], tls=EtcdTLS(tls.ca, tls.client_cert, tls.client_key))
+        other = EtcdStore([etcd.url], tls=EtcdTLS(tls.ca, tls.client_cert, tls.client_key))
+        now = datetime.now(UTC)
+        ids = [bytes([i]) * 16 for i in range(100)]  # more than one transaction's worth
+        assert store.claim(ids[:70], now + timedelta(seconds=2), now) == set(ids[:70])
+        # Another replica: the ones already claimed are refused, the new ones are its own.
+        assert other.claim(ids[60:], now + timedelta(seconds=2), now) == set(ids[70:])
+        assert store.claim([ids[0]], now + timedelta(seconds=2), now) == set()
+        # The lease (at least twice the nonce's life) outlives the nonce, then frees the key.
+        wait_for(
+            lambda: bool(store.claim([ids[0]], now + timedelta(seconds=60), now)),
+            20,
+            "the nonce claim's lease to expire",
+        )

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -252,7 +253,12 @@ def measure(
 
 # -- the scenario ---------------------------------------------------------------------------
 def run(
-    activations: int, concurrency: int, ready_samples: int, only: list[str], rate: float
+    activations: int,
+    concurrency: int,
+    ready_samples: int,
+    only: list[str],
+    rate: float,
+    store: str = "file",
 ) -> dict[str, Any]:
     from integration.conftest import Mesh, Signer
 
@@ -263,8 +269,16 @@ def run(
         "rate": rate,
         "pinned": _two_cpus(),
     }
-    with Cluster(base) as c:
-        coordinator = c.start_coordinator()
+    with contextlib.ExitStack() as stack:
+        extra = ["--simulation"]
+        if store == "etcd":  # one replica on a local etcd (on the load's CPU), stopped last
+            from integration.test_lifecycle_env import etcd_server
+
+            etcd = stack.enter_context(etcd_server(base))
+            extra += ["--store", "etcd", "--etcd-endpoints", etcd.url]
+        results["store"] = store
+        c = stack.enter_context(Cluster(base))
+        coordinator = c.start_coordinator(extra=extra)
         pid = coordinator.popen.pid
         pin_process(pid, COORDINATOR_CPU)
         signer_key = base / "signer.pem"
@@ -375,7 +389,8 @@ def report(results: dict[str, Any]) -> str:
     concurrency = results["concurrency"]
     lines.append(
         f"({concurrency} marbles at once; coordinator on CPU {COORDINATOR_CPU}, load on CPU "
-        f"{LOAD_CPU}{'' if results['pinned'] else ' -- NOT pinned: one CPU only'})"
+        f"{LOAD_CPU}{'' if results['pinned'] else ' -- NOT pinned: one CPU only'}; "
+        f"store: {results['store']})"
     )
     return "\n".join(lines)
 
@@ -395,12 +410,20 @@ def main(argv: list[str] | None = None) -> int:
         help="then 4 s of plain activations started at this rate, for latency under a "
         "steady load (300/s; 0: skip)",
     )
+    p.add_argument(
+        "--store",
+        choices=["file", "etcd"],
+        default="file",
+        help="the coordinator's store: a file (default) or a local etcd (started here)",
+    )
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
     if _two_cpus():
         os.sched_setaffinity(0, {LOAD_CPU})
     only = args.only or list(SCENARIOS)
-    results = run(args.activations, args.concurrency, args.ready_samples, only, args.rate)
+    results = run(
+        args.activations, args.concurrency, args.ready_samples, only, args.rate, args.store
+    )
     print(report(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -94,6 +94,17 @@ class ActivationResult:
 
 
 @dataclass(frozen=True)
+class _Attested:
+    """A request that passed attestation: what activation and renewal build on."""
+
+    instance: uuidlib.UUID
+    csr: x509.CertificateSigningRequest
+    verified: VerifiedQuote
+    evidence: x509.ExtensionType  # the leaf's RA-TLS extension
+    expires: datetime  # of its nonce
+
+
+@dataclass(frozen=True)
 class RenewalResult:
     leaf_pem: bytes
     simulated: bool
@@ -377,10 +388,11 @@ class CoordinatorCore:
         return self._nonce_book.issue(self._s.root_secret, now)
 
     def _attest(
-        self, req: ActivationRequest, now: datetime, operation: str
-    ) -> tuple[uuidlib.UUID, x509.CertificateSigningRequest, VerifiedQuote, x509.ExtensionType]:
+        self, req: ActivationRequest, now: datetime, operation: str, *, claim: bool = True
+    ) -> _Attested:
         """Everything both activation and renewal check before the manifest's rules; also
-        the leaf's RA-TLS evidence extension (the quote and the claims it binds)."""
+        the leaf's RA-TLS evidence extension (the quote and the claims it binds). With
+        ``claim`` the nonce is claimed here; else the caller claims it."""
         require(self._s.state, operation)
         expires = self._nonce_book.check(self._s.root_secret, req.nonce, now)
         try:
@@ -402,9 +414,9 @@ class CoordinatorCore:
                 "mismatch): the quote was made for another key or activation"
             )
         # Single use, across replicas: claimed only once the request is known to be good.
-        if not self._used_nonces.claim([nonce_id(req.nonce)], expires, now):
+        if claim and not self._used_nonces.claim([nonce_id(req.nonce)], expires, now):
             raise PolicyError("activation nonce is unknown, used or expired; request a new one")
-        return instance, csr, verified, ratls_extension(req.quote, claims)
+        return _Attested(instance, csr, verified, ratls_extension(req.quote, claims), expires)
 
     def _check_marble(
         self, s: PersistentState, manifest: Manifest, marble_type: str, verified: VerifiedQuote
@@ -444,96 +456,107 @@ class CoordinatorCore:
 
     def activate(self, req: ActivationRequest, *, now: datetime) -> ActivationResult:
         """Attest a marble and issue what it gets; every refusal says why."""
-        self.sync()
-        instance, csr, verified, evidence = self._attest(req, now, "activate")
-        out: list[ActivationResult] = []
-
-        def change(s: PersistentState) -> PersistentState:
-            # Recomputed from scratch if another replica committed meanwhile.
-            out.clear()
-            manifest = self.current_manifest()
-            marble = self._check_marble(s, manifest, req.marble_type, verified)
-            count = s.activations.get(req.marble_type, 0)
-            if marble.max_activations and count >= marble.max_activations:
-                raise PolicyError(
-                    f"marble type {req.marble_type!r} reached MaxActivations "
-                    f"({marble.max_activations})"
-                )
-            leaf = self._leaf(s, manifest, csr, req.marble_type, instance, now, evidence)
-            params = self._parameters(s, manifest, marble, str(instance), leaf, csr, now)
-            sealing_key = marble_sealing_key(s.root_secret, req.marble_type, instance)
-            out.append(
-                ActivationResult(
-                    leaf.public_bytes(Encoding.PEM), params, verified.simulated, sealing_key
-                )
-            )
-            if not marble.max_activations:
-                return s
-            # Counted activations are committed before the marble gets anything, so a crash
-            # can lose an activation's answer but never let one exceed MaxActivations.
-            uuids = s.instances.get(req.marble_type, [])
-            return replace(
-                s,
-                activations={**s.activations, req.marble_type: count + 1},
-                instances={
-                    **s.instances,
-                    req.marble_type: uuids if str(instance) in uuids else [*uuids, str(instance)],
-                },
-            )
-
-        if self._needs_commit(req.marble_type):
-            self.transact(change)
-        else:
-            change(self._s)
-        self.activated[req.marble_type] = self.activated.get(req.marble_type, 0) + 1
-        return out[0]
-
-    def _needs_commit(self, marble_type: str) -> bool:
-        marble = self.current_manifest().marbles.get(marble_type)
-        return marble is not None and marble.max_activations > 0
+        result = self.activate_many([(req, now)])[0]
+        if isinstance(result, MeshError):
+            raise result
+        return result
 
     def activate_many(
         self, batch: Sequence[tuple[ActivationRequest, datetime]]
     ) -> list[ActivationResult | MeshError]:
-        """Activations that arrived together, with one commit for all (group commit).
+        """Activations that arrived together: one result (or refusal) each, one commit.
 
-        Each is checked and computed in turn on the state its predecessors left, so
-        MaxActivations holds inside the batch; the state with all counted activations is
-        committed once, and only then are any of them answered. If that commit fails,
-        every counted activation of the batch fails with it and memory keeps the state of
-        before the batch. With a shared store each activation commits on its own, since a
-        lost compare-and-swap recomputes one activation, not a batch.
+        Each request is attested on its own; the nonces of those that check out are
+        claimed together (one etcd transaction for replicas). Then one change computes
+        every activation in turn on the state its predecessors left, so MaxActivations
+        holds inside the batch, and the state with all counted activations is committed
+        once (group commit); on a lost compare-and-swap the whole change is recomputed on
+        the fresh state. No counted activation is answered before that commit; if it
+        fails, every counted one of the batch fails with it and memory keeps the state
+        of before.
         """
-        if self._refresh is not None:
-            return [self._try_activate(req, now) for req, now in batch]
-        before, real = self._s, self._commit
-        deferred: list[PersistentState] = []
-        self._commit = deferred.append
-        try:
-            results = [self._try_activate(req, now) for req, now in batch]
-        except BaseException:
-            self._adopt(before)  # nothing of this batch was committed or answered
-            raise
-        finally:
-            self._commit = real
-        if deferred:
+        self.sync()
+        results: list[ActivationResult | MeshError | None] = [None] * len(batch)
+        attested: dict[int, _Attested] = {}
+        for i, (req, now) in enumerate(batch):
             try:
-                real(self._s)
+                attested[i] = self._attest(req, now, "activate", claim=False)
             except MeshError as exc:
-                self._adopt(before)
-                for i, (req, _) in enumerate(batch):
-                    if not isinstance(results[i], MeshError) and self._needs_commit(
-                        req.marble_type
-                    ):
-                        results[i] = exc
-                        self.activated[req.marble_type] -= 1
-        return results
+                results[i] = exc
+        if attested:
+            ids = {nonce_id(batch[i][0].nonce): i for i in attested}
+            expires = max(a.expires for a in attested.values())
+            claimed = self._used_nonces.claim(ids, expires, min(now for _, now in batch))
+            for nonce, i in ids.items():
+                if nonce not in claimed:
+                    del attested[i]
+                    results[i] = PolicyError(
+                        "activation nonce is unknown, used or expired; request a new one"
+                    )
 
-    def _try_activate(self, req: ActivationRequest, now: datetime) -> ActivationResult | MeshError:
-        try:
-            return self.activate(req, now=now)
-        except MeshError as exc:
-            return exc
+        def change(s: PersistentState) -> PersistentState:
+            # Recomputed from scratch if another replica committed meanwhile.
+            for i, a in attested.items():
+                req, now = batch[i]
+                try:
+                    s, results[i] = self._activation(s, req, a, now)
+                except MeshError as exc:  # refused (or unanswerable): this one alone
+                    results[i] = exc
+            return s
+
+        counted = [i for i in attested if self._needs_commit(batch[i][0].marble_type)]
+        if counted:
+            try:
+                self.transact(change)
+            except MeshError as exc:  # memory keeps the state of before the batch
+                for i in counted:
+                    if not isinstance(results[i], MeshError):
+                        results[i] = exc
+        else:
+            change(self._s)
+        out: list[ActivationResult | MeshError] = []
+        for (req, _), result in zip(batch, results, strict=True):
+            assert result is not None
+            if not isinstance(result, MeshError):
+                self.activated[req.marble_type] = self.activated.get(req.marble_type, 0) + 1
+            out.append(result)
+        return out
+
+    def _activation(
+        self, s: PersistentState, req: ActivationRequest, a: _Attested, now: datetime
+    ) -> tuple[PersistentState, ActivationResult]:
+        """One activation on state ``s``: the next state and what the marble gets."""
+        manifest = self.current_manifest()
+        marble = self._check_marble(s, manifest, req.marble_type, a.verified)
+        count = s.activations.get(req.marble_type, 0)
+        if marble.max_activations and count >= marble.max_activations:
+            raise PolicyError(
+                f"marble type {req.marble_type!r} reached MaxActivations ({marble.max_activations})"
+            )
+        leaf = self._leaf(s, manifest, a.csr, req.marble_type, a.instance, now, a.evidence)
+        params = self._parameters(s, manifest, marble, str(a.instance), leaf, a.csr, now)
+        sealing_key = marble_sealing_key(s.root_secret, req.marble_type, a.instance)
+        result = ActivationResult(
+            leaf.public_bytes(Encoding.PEM), params, a.verified.simulated, sealing_key
+        )
+        if not marble.max_activations:
+            return s, result
+        # Counted activations are committed before the marble gets anything, so a crash
+        # can lose an activation's answer but never let one exceed MaxActivations.
+        uuids = s.instances.get(req.marble_type, [])
+        instance = str(a.instance)
+        return replace(
+            s,
+            activations={**s.activations, req.marble_type: count + 1},
+            instances={
+                **s.instances,
+                req.marble_type: uuids if instance in uuids else [*uuids, instance],
+            },
+        ), result
+
+    def _needs_commit(self, marble_type: str) -> bool:
+        marble = self.current_manifest().marbles.get(marble_type)
+        return marble is not None and marble.max_activations > 0
 
     def renew(self, req: ActivationRequest, *, now: datetime) -> RenewalResult:
         """A new leaf under the current intermediate for a marble that attests again.
@@ -542,7 +565,8 @@ class CoordinatorCore:
         this cluster activated. Refused when the marble no longer satisfies the manifest.
         """
         self.sync()
-        instance, csr, verified, evidence = self._attest(req, now, "renew")
+        a = self._attest(req, now, "renew")
+        instance, csr, verified, evidence = a.instance, a.csr, a.verified, a.evidence
         s, manifest = self._s, self.current_manifest()
         marble = self._check_marble(s, manifest, req.marble_type, verified)
         if marble.max_activations and str(instance) not in s.instances.get(req.marble_type, []):
