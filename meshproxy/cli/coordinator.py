@@ -41,6 +41,20 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--platform-dir", type=Path, metavar="DIR", help="simulated platform directory")
     p.add_argument(
+        "--seal",
+        choices=["simulation", "gramine", "none"],
+        help="who seals the state key: the simulated platform (default with --simulation), "
+        "Gramine's SGX sealing keys (default otherwise; the manifest's Config.SealMode picks "
+        "_sgx_mrsigner for ProductKey, _sgx_mrenclave for UniqueKey), or none (the key only "
+        "in memory and the recovery secrets: every restart enters recovery mode)",
+    )
+    p.add_argument(
+        "--device-dir",
+        type=Path,
+        metavar="DIR",
+        help="stands in for /dev: --seal gramine reads DIR/attestation/keys/_sgx_mr* (tests)",
+    )
+    p.add_argument(
         "--trust-sim-platform",
         type=Path,
         action="append",
@@ -130,6 +144,11 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} {tls_files[flag]}: no such file")
     if args.advertise is not None:
         _addr(args.advertise, "--advertise")
+    seal = args.seal or ("simulation" if args.simulation else "gramine")
+    if seal == "simulation" and not args.simulation:
+        raise UsageError("--seal simulation needs --simulation (a simulated platform)")
+    if args.device_dir is not None and seal != "gramine":
+        raise UsageError("--device-dir is only for --seal gramine")
     return run(
         Options(
             state_dir=args.state_dir,
@@ -150,5 +169,7 @@ def _run(args: argparse.Namespace) -> int:
             owner_token_file=args.owner_token_file,
             trust_platforms=tuple(args.trust_sim_platform),
             advertise=args.advertise,
+            seal=seal,
+            device_dir=args.device_dir,
         )
     )

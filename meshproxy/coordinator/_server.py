@@ -26,7 +26,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from meshproxy._log import setup as setup_logging
-from meshproxy._redact import Secret
 from meshproxy.attestation import (
     SIM_VENDOR_ID,
     EnclaveDescription,
@@ -45,6 +44,7 @@ from meshproxy.coordinator._auth import Owner
 from meshproxy.coordinator._boot import StateSync, load_or_create, register
 from meshproxy.coordinator._core import CoordinatorCore
 from meshproxy.coordinator._etcd import EtcdStore, EtcdTLS
+from meshproxy.coordinator._sealers import sealing_keys_for
 from meshproxy.coordinator._state import State, require
 from meshproxy.coordinator._store import FileStore, VersionedStore
 from meshproxy.coordinator._tls import SwitchingContext
@@ -78,15 +78,8 @@ class Options:
     owner_token_file: Path | None = None
     trust_platforms: tuple[Path, ...] = ()  # more simulated machines whose quotes count
     advertise: str | None = None  # mesh address peers use; default: the bound one
-
-
-class _PlatformSealer:
-    def __init__(self, platform: SimulationPlatform) -> None:
-        self.name = "simulation"
-        self._platform = platform
-
-    def key(self) -> Secret:
-        return self._platform.sealing_key(b"meshproxy coordinator state sealing v1")
+    seal: str = "simulation"  # simulation | gramine | none (``_sealers``)
+    device_dir: Path | None = None  # stands in for /dev (Gramine's attestation/keys, tests)
 
 
 def coordinator_identity() -> EnclaveIdentity:
@@ -178,7 +171,10 @@ def build(options: Options, now: datetime) -> Built:
         store = EtcdStore(options.etcd_endpoints, options.etcd_prefix, tls=tls)
     else:
         store = FileStore(options.state_dir)
-    vault = Vault(_PlatformSealer(platform), store.where)
+    keys = sealing_keys_for(
+        options.seal, platform=platform, identity=identity, device_dir=options.device_dir
+    )
+    vault = Vault(keys, store.where)
     sync = StateSync(store, vault)
 
     def fetch_key() -> bool:
