@@ -115,7 +115,7 @@ class OutboundListener:
             return
         try:
             peer = check_peer(
-                stream.peer_certificate() or b"",
+                stream.peer_names(),
                 trust_domain=spec.trust_domain,
                 allowed_types=(spec.peer,),
                 role="server",

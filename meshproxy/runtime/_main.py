@@ -20,14 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import uvloop
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshproxy import __version__
 from meshproxy._log import setup as setup_logging
 from meshproxy.config import MarbleConfig, load_marble_config
 from meshproxy.config._marble import InboundConfig, OutboundConfig
 from meshproxy.errors import PolicyError, UsageError
-from meshproxy.pki import cert_to_pem, certs_to_pem, generate_key, key_to_pem, spiffe_id
+from meshproxy.pki import spiffe_id
 from meshproxy.proxy import (
     AdminServer,
     ConnectionSet,
@@ -39,16 +38,10 @@ from meshproxy.proxy import (
     OutboundSpec,
     ProxyMetrics,
 )
-from meshproxy.runtime._activate import activate, quote_provider, write_files
+from meshproxy.runtime import _agent
+from meshproxy.runtime._agent import Activated, AgentRenewal, MeshView, Renewal
 from meshproxy.runtime._app import Supervisor, app_environment, become_subreaper
-from meshproxy.runtime._renew import (
-    Lease,
-    Renewal,
-    RenewalSource,
-    Renewed,
-    Renewer,
-    lease_of,
-)
+from meshproxy.runtime._renew import Lease, Renewed, Renewer
 from meshproxy.tls import (
     NativeEngine,
     TLSIdentity,
@@ -62,8 +55,9 @@ from meshproxy.tls import (
 )
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     from meshproxy._native_tls import Context
-    from meshproxy.attestation import QuoteProvider
     from meshproxy.coordinator.client import Activation, MeshPolicy
     from meshproxy.proxy.http import RoutePolicy
 
@@ -107,10 +101,16 @@ def run(config_path: Path, app_argv: Sequence[str]) -> int:
     backend = select_backend()
     log.info("TLS backend", extra={"event": "tls.backend", "backend": backend,
                                    "detail": describe_backend()})  # fmt: skip
-    provider = quote_provider(cfg)
-    key = generate_key()
-    activation = activate(cfg, key, provider)
-    return execute(cfg, activation, key, app_argv, provider=provider)
+    # Attesting (cryptography, the attestation package, the coordinator client) runs in
+    # the short-lived agent, so none of it stays in this long-lived process (_agent).
+    # The agent also writes the manifest's Files.
+    activated = _agent.activate(config_path, cfg.coordinator.activation_timeout)
+    plan = plan_of(cfg, activated, app_argv)
+    source = AgentRenewal(
+        config_path, activated.uuid, activated.root_pem, cfg.coordinator.address.host,
+        cfg.coordinator.address.port,
+    )  # fmt: skip
+    return uvloop.run(serve(plan, (source, activated.lease)))
 
 
 def execute(
@@ -121,41 +121,54 @@ def execute(
     *,
     shutdown_grace: float = SHUTDOWN_GRACE,
     drain_grace: float = DRAIN_GRACE,
-    provider: QuoteProvider | None = None,
 ) -> int:
-    """Everything after activation: Files, listeners, the app, supervision; with a quote
-    ``provider`` the certificate is renewed while it runs (``_renew``)."""
+    """Everything after an in-process activation: Files, listeners, the app, supervision
+    (no renewal: ``run`` renews through the agent)."""
+    from meshproxy.runtime._activate import write_files
+
     plan = make_plan(cfg, activation, key, app_argv)
     plan = dataclasses.replace(plan, shutdown_grace=shutdown_grace, drain_grace=drain_grace)
     cfg.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(cfg.workdir, 0o700)
     write_files(cfg.files_root, activation.files)
-    renewal = None
-    if provider is not None:
-        source = RenewalSource(
-            address=str(cfg.coordinator.address), marble_type=cfg.marble.type,
-            instance=activation.uuid, dns_names=cfg.marble.dns_names, provider=provider,
-            root=activation.root,
-        )  # fmt: skip
-        renewal = (source, lease_of(activation.leaf, activation.intermediate))
-    return uvloop.run(serve(plan, renewal))
+    return uvloop.run(serve(plan))
 
 
 def make_plan(
     cfg: MarbleConfig, activation: Activation, key: ec.EllipticCurvePrivateKey,
     app_argv: Sequence[str],
 ) -> RunPlan:  # fmt: skip
+    """The plan of an activation made in this process (``coordinator.client.Activation``)."""
+    from meshproxy.pki import cert_to_pem, certs_to_pem, key_to_pem
+    from meshproxy.runtime._renew import lease_of
+
+    identity = TLSIdentity(
+        chain_pem=certs_to_pem([activation.leaf, activation.intermediate]),
+        key_pem=key_to_pem(key),
+        trust_pem=cert_to_pem(activation.intermediate),
+    )
+    mesh = activation.mesh
+    activated = Activated(
+        uuid=activation.uuid, identity=identity, root_pem=cert_to_pem(activation.root),
+        files=activation.files, env=activation.env, argv=activation.argv,
+        mesh=MeshView(mesh.trust_domain, mesh.allow, {k: tuple(
+            {"path": r.path, "path_prefix": r.path_prefix, "methods": r.methods,
+             "allow": r.allow} for r in rules) for k, rules in mesh.routes.items()}),
+        lease=lease_of(activation.leaf, activation.intermediate), simulated=activation.simulated,
+    )  # fmt: skip
+    return plan_of(cfg, activated, app_argv)
+
+
+def plan_of(cfg: MarbleConfig, activated: Activated, app_argv: Sequence[str]) -> RunPlan:
+    """Everything the event loop needs from the config, the activation and the command."""
+    activation = activated
     argv = tuple(app_argv) or tuple(activation.argv)
     if not argv:
         raise UsageError(
             "no app to run: give it after '--' (meshproxy run --config FILE -- APP ARGV...) "
             f"or set Argv in the manifest's Parameters of marble {cfg.marble.type!r}"
         )
-    identity = TLSIdentity(
-        chain_pem=certs_to_pem([activation.leaf, activation.intermediate]),
-        key_pem=key_to_pem(key),
-        trust_pem=cert_to_pem(activation.intermediate),
-    )
+    identity = activated.identity
     ours = {
         "MESHPROXY_WORKDIR": str(cfg.workdir),
         "MESHPROXY_FILES_ROOT": str(cfg.files_root),
@@ -165,7 +178,7 @@ def make_plan(
            for o in cfg.outbound},
         "MARBLE_PREDEFINED_MARBLE_CERTIFICATE_CHAIN": identity.chain_pem.decode(),
         "MARBLE_PREDEFINED_ROOT_CA": identity.trust_pem.decode(),
-        "MARBLE_PREDEFINED_COORDINATOR_ROOT_CA": cert_to_pem(activation.root).decode(),
+        "MARBLE_PREDEFINED_COORDINATOR_ROOT_CA": activated.root_pem.decode(),
         # MarbleRun apps expect it; the app runs in the same enclave as this key.
         "MARBLE_PREDEFINED_PRIVATE_KEY": identity.key_pem.reveal().decode(),
     }  # fmt: skip
@@ -181,7 +194,7 @@ def make_plan(
 
 
 def _routes(
-    cfg: MarbleConfig, mesh: MeshPolicy, allow: Mapping[str, tuple[str, ...]]
+    cfg: MarbleConfig, mesh: MeshView, allow: Mapping[str, tuple[str, ...]]
 ) -> dict[str, RoutePolicy]:
     if not _speaks_http(cfg):
         return {}
@@ -190,7 +203,7 @@ def _routes(
     return resolve_routes(cfg, mesh, allow)
 
 
-def resolve_allow(cfg: MarbleConfig, mesh: MeshPolicy) -> dict[str, tuple[str, ...]]:
+def resolve_allow(cfg: MarbleConfig, mesh: MeshPolicy | MeshView) -> dict[str, tuple[str, ...]]:
     """Caller types per ``marbles`` listener: the config may narrow the manifest, never widen."""
     manifest = tuple(mesh.callers_of(cfg.marble.type))
     out: dict[str, tuple[str, ...]] = {}
@@ -215,7 +228,7 @@ def resolve_allow(cfg: MarbleConfig, mesh: MeshPolicy) -> dict[str, tuple[str, .
     return out
 
 
-async def serve(plan: RunPlan, renewal: tuple[RenewalSource, Lease] | None = None) -> int:
+async def serve(plan: RunPlan, renewal: tuple[AgentRenewal, Lease] | None = None) -> int:
     """Listeners, the app, readiness and supervision; returns the app's exit status."""
     cfg = plan.config
     connections = ConnectionSet()
@@ -297,7 +310,7 @@ class _Serving:
 
 
 def _renewer(
-    renewal: tuple[RenewalSource, Lease],
+    renewal: tuple[AgentRenewal, Lease],
     state: _Serving,
     inbound: Sequence[Inbound],
     outbound: Sequence[Outbound],
@@ -337,7 +350,7 @@ def _renewer(
                    cut_off=cut_off)  # fmt: skip
 
 
-def _set_allow(cfg: MarbleConfig, mesh: MeshPolicy, inbound: Sequence[Inbound]) -> None:
+def _set_allow(cfg: MarbleConfig, mesh: MeshView, inbound: Sequence[Inbound]) -> None:
     """A manifest update may change Mesh.Allow: new connections follow it. When the
     config's ``allow`` now names callers the manifest no longer allows, only the ones it
     still allows are admitted (narrowed, never widened)."""

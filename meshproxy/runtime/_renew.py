@@ -25,19 +25,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid as uuidlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from meshproxy.errors import ConnectError, CoordinatorError, MeshError
+from meshproxy.errors import CoordinatorError, MeshError
 
 if TYPE_CHECKING:
     from cryptography import x509
-
-    from meshproxy.attestation import QuoteProvider
-    from meshproxy.coordinator.client import MeshPolicy
-    from meshproxy.tls import TLSIdentity
 
 log = logging.getLogger("meshproxy.runtime.renew")
 
@@ -221,56 +216,3 @@ def lease_of(
         not_after=leaf.not_valid_after_utc.timestamp(),
         intermediate=intermediate.fingerprint(SHA256()).hex(),
     )
-
-
-@dataclass(frozen=True)
-class Renewal:
-    """A renewed identity: what ``apply`` installs."""
-
-    identity: TLSIdentity
-    mesh: MeshPolicy
-
-
-@dataclass(frozen=True)
-class RenewalSource:
-    """How this marble renews: its coordinator, identity and quote provider."""
-
-    address: str
-    marble_type: str
-    instance: str
-    dns_names: tuple[str, ...]
-    provider: QuoteProvider
-    root: x509.Certificate  # pinned at activation
-    timeout: float = 10.0
-
-    def renew(self) -> Renewed:
-        """A fresh key, CSR and quote -> a new leaf under the current intermediate."""
-        from meshproxy.coordinator.client import renew
-        from meshproxy.pki import cert_to_pem, certs_to_pem, generate_key, key_to_pem
-        from meshproxy.tls import TLSIdentity
-
-        key = generate_key()
-        r = renew(
-            self.address, marble_type=self.marble_type, instance=uuidlib.UUID(self.instance),
-            key=key, dns_names=self.dns_names, provider=self.provider, root=self.root,
-            timeout=self.timeout,
-        )  # fmt: skip
-        identity = TLSIdentity(
-            chain_pem=certs_to_pem([r.leaf, r.intermediate]),
-            key_pem=key_to_pem(key),
-            trust_pem=cert_to_pem(r.intermediate),
-        )
-        return Renewed(lease_of(r.leaf, r.intermediate), Renewal(identity, r.mesh))
-
-    def current_intermediate(self) -> str | None:
-        """The cluster's current intermediate (fingerprint) from ``GET /api/v2/status``."""
-        from meshproxy.coordinator import _wire as wire
-        from meshproxy.coordinator.client import Connection
-
-        data = Connection(self.address, self.root, self.timeout).request(
-            "GET", wire.MESH_PATHS["status"]
-        )
-        value = data.get("intermediate") if isinstance(data, dict) else None
-        if value is not None and not isinstance(value, str):
-            raise ConnectError(f"coordinator {self.address}: status.intermediate is not text")
-        return value

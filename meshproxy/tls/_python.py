@@ -22,10 +22,11 @@ import os
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from meshproxy._redact import Secret
 from meshproxy.errors import ConnectError, PKIError
+from meshproxy.pki import CertNames
 
 CHUNK = 64 * 1024
 _HIGH_WATER = 256 * 1024  # plaintext held for a slow consumer before the socket is paused
@@ -151,6 +152,7 @@ class TLSStream(asyncio.Protocol):
         self._read_paused = False
         self._wrote_eof = False
         self._peer_der: bytes | None = None
+        self._peer_decoded: dict[str, Any] = {}
         self.remote = "?"
 
     # -- asyncio.Protocol ---------------------------------------------------------------
@@ -197,6 +199,12 @@ class TLSStream(asyncio.Protocol):
     def peer_certificate(self) -> bytes | None:
         """The peer's leaf (DER) after a verified handshake; None for anonymous clients."""
         return self._peer_der
+
+    def peer_names(self) -> CertNames:
+        """The verified peer's SAN URIs and organizations as OpenSSL decoded them: what
+        ``pki.check_peer`` needs, without parsing the certificate again (``cryptography``
+        would cost the proxy 10 MB of memory for it)."""
+        return CertNames.from_ssl(self._peer_decoded)
 
     async def read(self) -> bytes:
         """Plaintext as it arrives; ``b""`` once the peer sent close_notify."""
@@ -276,6 +284,7 @@ class TLSStream(asyncio.Protocol):
             # Kept now: a fatal alert right after the handshake (the server refusing our
             # certificate, in TLS 1.3) resets what the SSL object reports.
             self._peer_der = self._tls.getpeercert(binary_form=True)
+            self._peer_decoded = dict(self._tls.getpeercert() or {})
             self._handshake.set_result(None)
         self._pull()
 
