@@ -22,7 +22,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from meshproxy.attestation import (
-    Collateral,
     Runtime,
     SimulationPlatform,
     TrustAnchor,
@@ -34,7 +33,6 @@ from meshproxy.attestation import (
     measure,
     occlum_bom,
     occlum_config,
-    parse_collateral,
     sign_description,
     signer_id_of,
     simulation_anchor,
@@ -43,6 +41,7 @@ from meshproxy.attestation import (
     verify_tdx_quote,
     write_signed,
 )
+from meshproxy.cli._common import read_collateral
 from meshproxy.config import load_file
 from meshproxy.errors import AttestationError, ConfigError, UsageError
 
@@ -303,7 +302,7 @@ _TEE_TDX = 0x81
 def _verify(args: argparse.Namespace) -> int:
     now = _parse_time(args.at) if args.at else datetime.now(UTC)
     quote = _read_quote(args.quote)
-    collateral = _read_collateral(args.collateral) if args.collateral else None
+    collateral = read_collateral(args.collateral) if args.collateral else None
     anchors: list[TrustAnchor] = []
     for name in dict.fromkeys(args.trust or ["intel"]):
         if name == "intel":
@@ -360,17 +359,6 @@ def _verify_tdx(path: Path, quote: bytes, anchors: list[TrustAnchor], now: datet
     print(f"ReportData: {v.report_data.hex()}")
     print(f"TCBStatus: {v.tcb_status}")
     return 0
-
-
-def _read_collateral(path: Path) -> Collateral:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        return parse_collateral(data)
-    except AttestationError as exc:
-        raise AttestationError(f"{path}: {exc}", check=exc.check) from None
 
 
 def _parse_time(text: str) -> datetime:

@@ -10,23 +10,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from meshproxy.attestation import (
-    check_coordinator,
-    describe_coordinator_policy,
-    load_coordinator_policy,
-)
+from meshproxy.attestation import describe_coordinator_policy
 from meshproxy.cli._common import (
     add_coordinator_options,
     add_user_options,
+    attest,
     connect,
     read_file,
     saved_root_path,
     user_identity,
     write_output,
 )
-from meshproxy.cli.enclave import _read_collateral as read_collateral
 from meshproxy.coordinator import _wire as wire
-from meshproxy.coordinator.client import Connection, fetch_evidence
+from meshproxy.coordinator.client import Connection
 from meshproxy.errors import ManifestError, PolicyError, UsageError
 from meshproxy.manifest import parse_manifest
 from meshproxy.pki import cert_to_pem
@@ -81,18 +77,6 @@ def register(sub: Any) -> None:
     )
     v.add_argument("file", type=Path, metavar="FILE")
     add_coordinator_options(v)
-    v.add_argument(
-        "--policy",
-        type=Path,
-        metavar="POLICY",
-        help="the coordinator identity to require (see above); strongly recommended",
-    )
-    v.add_argument(
-        "--collateral",
-        type=Path,
-        metavar="FILE",
-        help="Intel collateral (dcap-qvl JSON) to rate a hardware coordinator's TCB level",
-    )
     v.add_argument("-o", "--output", type=Path, metavar="ROOT_PEM", help="also write the root here")
     v.set_defaults(func=_verify)
 
@@ -194,16 +178,12 @@ def _get(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     raw = read_file(args.file)
     expected = hashlib.sha256(raw).hexdigest()
-    # Both files are read before anything is fetched: a bad one fails here, named.
-    policy = load_coordinator_policy(args.policy) if args.policy is not None else None
-    collateral = read_collateral(args.collateral) if args.collateral is not None else None
-    evidence = fetch_evidence(
-        args.coordinator,
-        accept_simulation=args.accept_simulation,
-        platform_dir=args.platform_dir,
-        timeout=args.timeout,
-        collateral=collateral,
-    )
+    if args.root is not None:
+        raise UsageError("manifest verify checks the coordinator's quote: --root is not used")
+    try:
+        evidence, policy = attest(args)
+    except PolicyError as exc:
+        raise PolicyError(f"{exc}; nothing saved") from None
     if policy is None:
         print(
             "meshproxy: warning: no --policy: the coordinator's enclave identity (UniqueID, "
@@ -211,14 +191,6 @@ def _verify(args: argparse.Namespace) -> int:
             "enclave on a trusted platform passes; give --policy FILE",
             file=sys.stderr,
         )
-    else:
-        try:
-            check_coordinator(evidence.verified, policy)
-        except PolicyError as exc:
-            raise PolicyError(
-                f"coordinator {args.coordinator} refused by policy {args.policy}: {exc}; "
-                "nothing saved"
-            ) from None
     data = Connection(args.coordinator, evidence.root, args.timeout).request(
         "GET", wire.CLIENT_PATHS["manifest"]
     )
