@@ -107,11 +107,20 @@ class EvidenceCache:
         self._chains: dict[bytes, tuple[TrustAnchor, list[x509.Certificate], datetime, datetime]]
         self._chains = {}
         self._qe_reports: dict[bytes, None] = {}  # digests of (PCK leaf, report, signature)
+        self._anchors: dict[int, tuple[x509.Certificate, bytes]] = {}
 
     def __repr__(self) -> str:
         return f"<EvidenceCache chains={len(self._chains)} qe_reports={len(self._qe_reports)}>"
 
-    def _remember(self, table: dict[bytes, Any], key: bytes, value: Any) -> None:
+    def _fingerprint(self, cert: x509.Certificate) -> bytes:
+        """An anchor's SHA-256 fingerprint (anchors are few and long-lived)."""
+        hit = self._anchors.get(id(cert))
+        if hit is None or hit[0] is not cert:
+            hit = (cert, cert.fingerprint(hashes.SHA256()))
+            self._remember(self._anchors, id(cert), hit)
+        return hit[1]
+
+    def _remember(self, table: dict[Any, Any], key: Any, value: Any) -> None:
         if len(table) >= self.size:
             del table[next(iter(table))]
         table[key] = value
@@ -197,7 +206,7 @@ def _cached_pck_chain(
         return _verify_pck_chain(q, anchors, now)
     digest = hashlib.sha256(q.cert_data)
     for a in anchors:
-        digest.update(a.certificate.fingerprint(hashes.SHA256()))
+        digest.update(cache._fingerprint(a.certificate))
     key = digest.digest()
     hit = cache._chains.get(key)
     if hit is not None and hit[2] <= now <= hit[3]:

@@ -102,6 +102,7 @@ class _Attested:
     verified: VerifiedQuote
     evidence: x509.ExtensionType  # the leaf's RA-TLS extension
     expires: datetime  # of its nonce
+    spki: bytes  # the CSR's public key, DER
 
 
 @dataclass(frozen=True)
@@ -407,7 +408,8 @@ class CoordinatorCore:
             verified = verify_quote(req.quote, self._anchors, now=now, cache=self._evidence)
         except AttestationError as exc:
             raise PolicyError(f"quote verification failed ({exc.check}): {exc}") from None
-        claims = ratls_claims_for_spki(public_der(_ec_public(csr.public_key())), nonce=req.nonce)
+        spki = public_der(_ec_public(csr.public_key()))
+        claims = ratls_claims_for_spki(spki, nonce=req.nonce)
         if verified.report_data[:32] != hashlib.sha256(claims).digest():
             raise PolicyError(
                 "quote does not bind this CSR's key and the coordinator's nonce (report data "
@@ -416,7 +418,8 @@ class CoordinatorCore:
         # Single use, across replicas: claimed only once the request is known to be good.
         if claim and not self._used_nonces.claim([nonce_id(req.nonce)], expires, now):
             raise PolicyError("activation nonce is unknown, used or expired; request a new one")
-        return _Attested(instance, csr, verified, ratls_extension(req.quote, claims), expires)
+        evidence = ratls_extension(req.quote, claims)
+        return _Attested(instance, csr, verified, evidence, expires, spki)
 
     def _check_marble(
         self, s: PersistentState, manifest: Manifest, marble_type: str, verified: VerifiedQuote
@@ -534,7 +537,7 @@ class CoordinatorCore:
                 f"marble type {req.marble_type!r} reached MaxActivations ({marble.max_activations})"
             )
         leaf = self._leaf(s, manifest, a.csr, req.marble_type, a.instance, now, a.evidence)
-        params = self._parameters(s, manifest, marble, str(a.instance), leaf, a.csr, now)
+        params = self._parameters(s, manifest, marble, str(a.instance), leaf, a.spki, now)
         sealing_key = marble_sealing_key(s.root_secret, req.marble_type, a.instance)
         result = ActivationResult(
             leaf.public_bytes(Encoding.PEM), params, a.verified.simulated, sealing_key
@@ -584,7 +587,7 @@ class CoordinatorCore:
         marble: Marble,
         instance: str,
         leaf: x509.Certificate,
-        csr: x509.CertificateSigningRequest,
+        spki: bytes,
         now: datetime,
     ) -> RenderedParameters:
         used = _used_secrets(manifest, marble)
@@ -630,7 +633,7 @@ class CoordinatorCore:
                 "MarbleCert": SecretValue(
                     type="cert",
                     cert=leaf,
-                    public=public_der(_ec_public(csr.public_key())),
+                    public=spki,
                     private=None,
                 ),
             },
