@@ -224,3 +224,70 @@ def test_the_marble_config_reads_and_checks_tls(tmp_path: Path) -> None:
         load({"min_version": "1.1"})
     with pytest.raises(ConfigError, match=r"outbound\[0\]\.tls: unknown key 'tickets'"):
         load(None, {"tickets": True})
+
+
+def test_meshproxy_runs_listeners_with_the_configured_options(
+    identity: TLSIdentity, workdir: Path, backend: str
+) -> None:
+    """The runtime's wiring: ``tls:`` of a marble config reaches the listener it names."""
+    import yaml
+
+    from meshproxy.config import load_marble_config
+    from meshproxy.runtime._main import RunPlan, _listeners
+
+    doc = {
+        "coordinator": {"address": "127.0.0.1:2001"},
+        "marble": {"type": "backend"},
+        "attestation": {"provider": "simulation", "enclave": "e.json"},
+        "workdir": str(workdir),
+        "inbound": [
+            {"name": "old", "listen": "127.0.0.1:0", "clients": "public",
+             "tls": {"min_version": "1.2", "session_tickets": True}},
+            {"name": "new", "listen": "127.0.0.1:0", "clients": "public"},
+        ],
+    }  # fmt: skip
+    (workdir / "marble.yaml").write_text(yaml.safe_dump(doc))
+    cfg = load_marble_config(workdir / "marble.yaml")
+    plan = RunPlan(config=cfg, argv=("true",), env={}, identity=identity,
+                   trust_domain=DOMAIN, allow={})  # fmt: skip
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    async def scenario() -> dict[str, tuple[tuple[bool, str], tuple[bool, str]]]:
+        apps = [await asyncio.start_unix_server(echo, path=str(cfg.inbound_socket(n)))
+                for n in ("old", "new")]  # fmt: skip
+        connections = ConnectionSet()
+        engine = NativeEngine(threads=1) if backend == "c" else None
+        inbound, _ = _listeners(plan, connections, None, engine)
+        out = {}
+        try:
+            for li in inbound:
+                _, port = await li.start()
+                out[li.spec.name] = (
+                    await asyncio.to_thread(s_client, port, "-tls1_2"),
+                    await asyncio.to_thread(s_client, port),
+                )
+        finally:
+            for li in inbound:
+                li.stop_accepting()
+            await connections.drain(2.0)
+            if engine is not None:
+                await engine.aclose()
+            for app in apps:
+                app.close()
+        return out
+
+    got = uvloop.run(scenario())
+    (old12, out12), (old13, out13) = got["old"]
+    assert old12, out12
+    assert tickets(out12) == 1, out12
+    assert old13, out13
+    assert tickets(out13) >= 1, out13
+    (new12, _), (new13, out) = got["new"]
+    assert not new12
+    assert new13, out
+    assert tickets(out) == 0, out
