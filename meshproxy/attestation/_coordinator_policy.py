@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from meshproxy.attestation._policy import identity_mismatch, refused_advisories
 from meshproxy.attestation._tcb import STATUSES
 from meshproxy.attestation._verify import VerifiedQuote
 from meshproxy.config import Node, load_file
@@ -37,7 +38,6 @@ _KEYS = (
     "AcceptedAdvisories",
 )
 _EXTRA_STATUSES = ("NotEvaluated",)  # a hardware quote without collateral
-_HARDENING = ("SWHardeningNeeded", "ConfigurationAndSWHardeningNeeded")
 
 
 @dataclass(frozen=True)
@@ -120,29 +120,21 @@ def parse_coordinator_policy(root: Node) -> CoordinatorPolicy:
     )
 
 
+_MISMATCH = {
+    "UniqueID": "UniqueID: the coordinator is {actual}, the policy requires {required}",
+    "SignerID": "SignerID: the coordinator is signed by {actual}, the policy requires {required}",
+    "ProductID": "ProductID: the coordinator is product {actual}, the policy requires {required}",
+    "SecurityVersion": "SecurityVersion: the coordinator has {actual}, below the policy's minimum "
+    "{required}",
+}
+
+
 def check_coordinator(verified: VerifiedQuote, policy: CoordinatorPolicy) -> None:
     """Refuse (``PolicyError`` naming the field) a coordinator the policy does not pin."""
     ident = verified.identity
-    if policy.unique_id is not None and ident.unique_id != policy.unique_id:
-        raise PolicyError(
-            f"UniqueID: the coordinator is {ident.unique_id.hex()}, the policy requires "
-            f"{policy.unique_id.hex()}"
-        )
-    if policy.signer_id is not None and ident.signer_id != policy.signer_id:
-        raise PolicyError(
-            f"SignerID: the coordinator is signed by {ident.signer_id.hex()}, the policy "
-            f"requires {policy.signer_id.hex()}"
-        )
-    if policy.product_id is not None and ident.product_id != policy.product_id:
-        raise PolicyError(
-            f"ProductID: the coordinator is product {ident.product_id}, the policy requires "
-            f"{policy.product_id}"
-        )
-    if policy.security_version is not None and ident.security_version < policy.security_version:
-        raise PolicyError(
-            f"SecurityVersion: the coordinator has {ident.security_version}, below the "
-            f"policy's minimum {policy.security_version}"
-        )
+    mismatch = identity_mismatch(ident, policy)
+    if mismatch is not None:
+        raise PolicyError(_MISMATCH[mismatch.field].format_map(mismatch._asdict()))
     if ident.debug and not policy.debug:
         raise PolicyError(
             "Debug: the coordinator is a debug enclave (its memory can be read by the host), "
@@ -160,13 +152,12 @@ def check_coordinator(verified: VerifiedQuote, policy: CoordinatorPolicy) -> Non
             f"AcceptedTCBStatuses: the coordinator's TCB status {verified.tcb_status} is not "
             f"accepted (accepted: {', '.join(policy.accepted_tcb_statuses)}){hint}"
         )
-    if verified.tcb_status in _HARDENING and policy.accepted_advisories:
-        refused = [a for a in verified.advisories if a not in policy.accepted_advisories]
-        if refused:
-            raise PolicyError(
-                f"AcceptedAdvisories: the coordinator's platform has advisories not accepted: "
-                f"{', '.join(refused)} (accepted: {', '.join(policy.accepted_advisories)})"
-            )
+    refused = refused_advisories(verified, policy.accepted_advisories)
+    if refused:
+        raise PolicyError(
+            f"AcceptedAdvisories: the coordinator's platform has advisories not accepted: "
+            f"{', '.join(refused)} (accepted: {', '.join(policy.accepted_advisories)})"
+        )
 
 
 def describe(policy: CoordinatorPolicy) -> str:

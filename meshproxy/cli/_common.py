@@ -93,11 +93,7 @@ def saved_root_path(address: str) -> Path:
 
 
 def load_root(path: Path) -> x509.Certificate:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"--root {path}: {exc.strerror}") from None
-    return cert_from_pem(data, str(path))
+    return cert_from_pem(read_file(path, "--root"), str(path))
 
 
 def read_collateral(path: Path) -> Collateral:
@@ -187,10 +183,7 @@ def user_identity(args: argparse.Namespace) -> ClientIdentity | None:
         return None
     if cert_path is None or key_path is None:
         raise UsageError("--cert and --key go together")
-    try:
-        data = cert_path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"--cert {cert_path}: {exc.strerror}") from None
+    data = read_file(cert_path, "--cert")
     if not key_path.is_file():
         raise UsageError(f"--key {key_path}: no such file")
     try:
@@ -205,6 +198,13 @@ def user_identity(args: argparse.Namespace) -> ClientIdentity | None:
             f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ})"
         )
     return ClientIdentity(cert_path, key_path)
+
+
+def file_name(name: str, what: str) -> str:
+    """``name`` as one file name in an output directory: no separators, no ``.``/``..``."""
+    if not name or "/" in name or name in (".", ".."):
+        raise UsageError(f"{what} {name!r} cannot be a file name")
+    return name
 
 
 def read_file(path: Path, flag: str = "") -> bytes:

@@ -16,6 +16,7 @@ from meshproxy.cli._common import (
     add_user_options,
     attest,
     connect,
+    file_name,
     read_file,
     saved_root_path,
     user_identity,
@@ -136,9 +137,7 @@ def save_recovery_secrets(secrets: dict[str, str], directory: Path) -> list[Path
     """Write each key's encrypted recovery secret (raw RSA-OAEP ciphertext, 0600)."""
     paths = []
     for name, value in sorted(secrets.items()):
-        if not name or "/" in name or name in (".", ".."):
-            raise UsageError(f"recovery key name {name!r} cannot be a file name")
-        path = directory / f"{name}{RECOVERY_SUFFIX}"
+        path = directory / f"{file_name(name, 'recovery key name')}{RECOVERY_SUFFIX}"
         write_output(path, base64.b64decode(value), private=True)
         paths.append(path)
     return paths
@@ -240,22 +239,21 @@ def _print_update(data: dict[str, Any], args: argparse.Namespace) -> None:
     _report_recovery(data.get("recoverySecrets") or {}, args.recovery_dir)
 
 
-def _apply(args: argparse.Namespace) -> int:
+def _send_update(args: argparse.Namespace, path: str) -> int:
     raw = read_file(args.file)
     data = connect(args, identity=user_identity(args)).request(
-        "POST", wire.CLIENT_PATHS["update"], {"manifest": wire.b64e(raw)}
+        "POST", wire.CLIENT_PATHS[path], {"manifest": wire.b64e(raw)}
     )
     _print_update(data or {}, args)
     return 0
+
+
+def _apply(args: argparse.Namespace) -> int:
+    return _send_update(args, "update")
 
 
 def _ack(args: argparse.Namespace) -> int:
-    raw = read_file(args.file)
-    data = connect(args, identity=user_identity(args)).request(
-        "POST", wire.CLIENT_PATHS["update_manifest"], {"manifest": wire.b64e(raw)}
-    )
-    _print_update(data or {}, args)
-    return 0
+    return _send_update(args, "update_manifest")
 
 
 def _cancel(args: argparse.Namespace) -> int:
