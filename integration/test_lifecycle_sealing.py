@@ -58,33 +58,27 @@ def _lifecycle(tmp_path: Path, seal_mode: str | None, changed: str, unchanged: s
         c.cli("manifest", "set", str(_manifest(tmp_path, seal_mode, recovery.public_pem)), *co,
               "--recovery-dir", str(tmp_path / "rec"))  # fmt: skip
         root = c.cli("certificate", "root", *co).stdout
-        c.procs[-1].stop()
+
+        def restart(name: str, rotated: str | None, expect: str) -> None:
+            c.procs[-1].stop()
+            if rotated is not None:
+                rotate(dev, rotated, keys)
+                seen.append(keys[rotated])
+            c.start_coordinator(name=name, extra=extra)
+            co[1] = c.client_addr
+            assert c.cli("status", *co).stdout.startswith(expect), name
 
         # A new build of the coordinator (another key for the other policy) still unseals.
-        rotate(dev, unchanged, keys)
-        seen.append(keys[unchanged])
-        c.start_coordinator(name="restarted", extra=extra)
-        co[1] = c.client_addr
-        assert c.cli("status", *co).stdout.startswith(ACCEPTING_MARBLES)
+        restart("restarted", unchanged, ACCEPTING_MARBLES)
         assert c.cli("certificate", "root", *co).stdout == root
-        c.procs[-1].stop()
-
         # The key the SealMode uses changed: recovery mode, and the recovery key opens it.
-        rotate(dev, changed, keys)
-        seen.append(keys[changed])
-        c.start_coordinator(name="other-enclave", extra=extra)
-        co[1] = c.client_addr
-        assert c.cli("status", *co).stdout.startswith(RECOVERING)
+        restart("other-enclave", changed, RECOVERING)
         c.cli("recover", *co, "--secret", str(tmp_path / "rec" / "ops.recovery-secret"),
               "--key", str(recovery.private))  # fmt: skip
         assert c.cli("status", *co).stdout.startswith(ACCEPTING_MARBLES)
         assert c.cli("certificate", "root", *co).stdout == root
-        c.procs[-1].stop()
-
         # Resealed under the new key: the next restart unseals without recovery.
-        c.start_coordinator(name="resealed", extra=extra)
-        co[1] = c.client_addr
-        assert c.cli("status", *co).stdout.startswith(ACCEPTING_MARBLES)
+        restart("resealed", None, ACCEPTING_MARBLES)
         assert "cannot unseal state" in c.procs[2].log.read_text()
         assert_no_key_bytes(c, seen)
 
