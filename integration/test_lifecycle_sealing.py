@@ -111,6 +111,7 @@ def test_seal_none_enters_recovery_at_every_restart(tmp_path: Path) -> None:
             assert c.cli("status", *co).stdout.startswith(ACCEPTING_MARBLES)
         first = c.procs[0].log.read_text()
         assert "SEALING DISABLED (--seal none)" in first
+        assert "STATE KEY NOT SEALED (--seal none): the next restart enters recovery" in first
         assert "sealing is disabled (--seal none)" in c.procs[1].log.read_text()
 
 

@@ -99,6 +99,7 @@ def test_disabled_and_none_seal_nothing_and_the_data_key_still_recovers(
     with caplog.at_level(logging.WARNING, "meshproxy.coordinator"):
         blob = Vault(gramine_keys(dev / "attestation"), "s").seal(s)
     assert "STATE KEY NOT SEALED (the manifest's SealMode Disabled)" in caplog.text
+    assert "no RecoveryKeys, so this state is LOST at the next restart" in caplog.text
     assert json.loads(blob)["keks"] == {}
     fresh = Vault(gramine_keys(dev / "attestation"), "s")
     with pytest.raises(UnsealError, match=r"was not sealed \(SealMode Disabled"):

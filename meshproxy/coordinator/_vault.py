@@ -40,7 +40,7 @@ class Vault:
         self._own_ids = frozenset(_seal.key_id(s) for s in self.keys.all())
         self._mode_raw: bytes | None = None  # the manifest ``_mode`` was read from
         self._mode = DEFAULT_SEAL_MODE
-        self._warned_unsealed = False
+        self._warned_unsealed = (False, False)  # (warned, about an unrecoverable state)
 
     def __repr__(self) -> str:
         return (
@@ -65,13 +65,17 @@ class Vault:
     def _sealer(self, state: PersistentState) -> Sealer | None:
         mode = self._mode_of(state)
         sealer = self.keys.for_mode(mode)
-        if sealer is None and not self._warned_unsealed:
-            self._warned_unsealed = True
+        unrecoverable = state.manifest_raw is not None and state.recovery.scheme == "none"
+        if sealer is None and self._warned_unsealed != (True, unrecoverable):
+            self._warned_unsealed = (True, unrecoverable)
             why = "--seal none" if not self.keys.seals else f"the manifest's SealMode {mode}"
-            log.warning(
-                f"STATE KEY NOT SEALED ({why}): the next restart enters recovery mode and "
-                "needs the recovery key holders (meshproxy recover)"
+            then = (
+                "the manifest has no RecoveryKeys, so this state is LOST at the next restart"
+                if unrecoverable
+                else "the next restart enters recovery mode and needs the recovery key holders "
+                "(meshproxy recover)"
             )
+            log.warning(f"STATE KEY NOT SEALED ({why}): {then}")
         return sealer
 
     @property
