@@ -41,6 +41,20 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--platform-dir", type=Path, metavar="DIR", help="simulated platform directory")
     p.add_argument(
+        "--seal",
+        choices=["simulation", "gramine", "none"],
+        help="who seals the state key: the simulated platform (default with --simulation), "
+        "Gramine's SGX sealing keys (default otherwise; the manifest's Config.SealMode picks "
+        "_sgx_mrsigner for ProductKey, _sgx_mrenclave for UniqueKey), or none (the key only "
+        "in memory and the recovery secrets: every restart enters recovery mode)",
+    )
+    p.add_argument(
+        "--device-dir",
+        type=Path,
+        metavar="DIR",
+        help="stands in for /dev: --seal gramine reads DIR/attestation/keys/_sgx_mr* (tests)",
+    )
+    p.add_argument(
         "--trust-sim-platform",
         type=Path,
         action="append",
@@ -63,6 +77,20 @@ def register(sub: Any) -> None:
         help="etcd client URLs for --store etcd (e.g. http://127.0.0.1:2379)",
     )
     p.add_argument("--etcd-prefix", default="/meshproxy/", help="etcd key prefix (/meshproxy/)")
+    p.add_argument(
+        "--etcd-ca",
+        type=Path,
+        metavar="PEM",
+        help="CA certificate(s) that sign etcd's server certificate (https:// endpoints; "
+        "default: the system's CAs)",
+    )
+    p.add_argument(
+        "--etcd-cert",
+        type=Path,
+        metavar="PEM",
+        help="client certificate for etcd (with --etcd-key)",
+    )
+    p.add_argument("--etcd-key", type=Path, metavar="PEM", help="private key of --etcd-cert")
     p.add_argument(
         "--advertise",
         metavar="HOST:PORT",
@@ -104,8 +132,23 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError("--store etcd needs --etcd-endpoints URL[,URL...]")
     if args.store != "etcd" and endpoints:
         raise UsageError("--etcd-endpoints is only for --store etcd")
+    tls_files = {"--etcd-ca": args.etcd_ca, "--etcd-cert": args.etcd_cert,
+                 "--etcd-key": args.etcd_key}  # fmt: skip
+    given = [flag for flag, path in tls_files.items() if path is not None]
+    if given and args.store != "etcd":
+        raise UsageError(f"{', '.join(given)}: only for --store etcd")
+    if (args.etcd_cert is None) != (args.etcd_key is None):
+        raise UsageError("--etcd-cert and --etcd-key go together: give both or neither")
+    for flag in given:
+        if not tls_files[flag].is_file():
+            raise UsageError(f"{flag} {tls_files[flag]}: no such file")
     if args.advertise is not None:
         _addr(args.advertise, "--advertise")
+    seal = args.seal or ("simulation" if args.simulation else "gramine")
+    if seal == "simulation" and not args.simulation:
+        raise UsageError("--seal simulation needs --simulation (a simulated platform)")
+    if args.device_dir is not None and seal != "gramine":
+        raise UsageError("--device-dir is only for --seal gramine")
     return run(
         Options(
             state_dir=args.state_dir,
@@ -118,10 +161,15 @@ def _run(args: argparse.Namespace) -> int:
             log_format=args.log_format,
             store=args.store,
             etcd_endpoints=endpoints,
+            etcd_ca=args.etcd_ca,
+            etcd_cert=args.etcd_cert,
+            etcd_key=args.etcd_key,
             etcd_prefix=args.etcd_prefix,
             owner_cert=args.owner_cert,
             owner_token_file=args.owner_token_file,
             trust_platforms=tuple(args.trust_sim_platform),
             advertise=args.advertise,
+            seal=seal,
+            device_dir=args.device_dir,
         )
     )

@@ -26,7 +26,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from meshproxy._log import setup as setup_logging
-from meshproxy._redact import Secret
 from meshproxy.attestation import (
     SIM_VENDOR_ID,
     EnclaveDescription,
@@ -44,7 +43,8 @@ from meshproxy.coordinator._api import Api
 from meshproxy.coordinator._auth import Owner
 from meshproxy.coordinator._boot import StateSync, load_or_create, register
 from meshproxy.coordinator._core import CoordinatorCore
-from meshproxy.coordinator._etcd import EtcdStore
+from meshproxy.coordinator._etcd import EtcdStore, EtcdTLS
+from meshproxy.coordinator._sealers import sealing_keys_for
 from meshproxy.coordinator._state import State, require
 from meshproxy.coordinator._store import FileStore, VersionedStore
 from meshproxy.coordinator._tls import SwitchingContext
@@ -71,19 +71,15 @@ class Options:
     store: str = "file"  # file | etcd
     etcd_endpoints: tuple[str, ...] = ()
     etcd_prefix: str = "/meshproxy/"
+    etcd_ca: Path | None = None  # TLS to etcd (https:// endpoints)
+    etcd_cert: Path | None = None
+    etcd_key: Path | None = None
     owner_cert: Path | None = None
     owner_token_file: Path | None = None
     trust_platforms: tuple[Path, ...] = ()  # more simulated machines whose quotes count
     advertise: str | None = None  # mesh address peers use; default: the bound one
-
-
-class _PlatformSealer:
-    def __init__(self, platform: SimulationPlatform) -> None:
-        self.name = "simulation"
-        self._platform = platform
-
-    def key(self) -> Secret:
-        return self._platform.sealing_key(b"meshproxy coordinator state sealing v1")
+    seal: str = "simulation"  # simulation | gramine | none (``_sealers``)
+    device_dir: Path | None = None  # stands in for /dev (Gramine's attestation/keys, tests)
 
 
 def coordinator_identity() -> EnclaveIdentity:
@@ -171,10 +167,14 @@ def build(options: Options, now: datetime) -> Built:
     store: VersionedStore
     if options.store == "etcd":
         options.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        store = EtcdStore(options.etcd_endpoints, options.etcd_prefix)
+        tls = EtcdTLS(options.etcd_ca, options.etcd_cert, options.etcd_key)
+        store = EtcdStore(options.etcd_endpoints, options.etcd_prefix, tls=tls)
     else:
         store = FileStore(options.state_dir)
-    vault = Vault(_PlatformSealer(platform), store.where)
+    keys = sealing_keys_for(
+        options.seal, platform=platform, identity=identity, device_dir=options.device_dir
+    )
+    vault = Vault(keys, store.where)
     sync = StateSync(store, vault)
 
     def fetch_key() -> bool:
@@ -211,6 +211,8 @@ def build(options: Options, now: datetime) -> Built:
         refresh=sync.refresh if store.shared else None,
         locked=vault if loaded.locked else None,
         owner=owner,
+        # Replicas accept each other's nonces, each once across all of them.
+        used_nonces=store if isinstance(store, EtcdStore) else None,
     )
     key_server = None
     if isinstance(store, EtcdStore):
