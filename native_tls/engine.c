@@ -554,9 +554,18 @@ conn_remove(worker_t *w, conn_t *c)
 }
 
 /* -- events to Python ----------------------------------------------------------------------- */
-/* A worker wakes the caller once per epoll batch, not once per event: on a shared core every
- * wake-up of the Python thread is a context switch each way. Set in worker threads only. */
-static __thread int *tl_wake_pending;
+/* Waking the caller costs a context switch each way on a shared core, and a turn of its
+ * event loop. So a worker wakes it at most once per epoll batch, and only for events
+ * someone waits for (a handed-over connection's, a listener connection left to the
+ * caller); the events of connections the engine decided itself (ACCEPTED, HANDSHAKE with
+ * relaying, their final event: log lines and metrics) wait up to LAZY_WAKE_S and travel
+ * in batches. Worker threads only. */
+#define LAZY_WAKE_S 0.01
+typedef struct {
+    int now;       /* wake at the end of this batch */
+    double lazy;   /* wake by then (0: nothing waiting) */
+} wake_state;
+static __thread wake_state *tl_wake;
 
 static void
 post(mp_engine *e, mp_event *ev)
@@ -571,12 +580,14 @@ post(mp_engine *e, mp_event *ev)
     }
     e->ev_tail = ev;
     pthread_mutex_unlock(&e->ev_mu);
-    if (was_empty) {
-        if (tl_wake_pending != NULL) {
-            *tl_wake_pending = 1; /* woken at the end of the worker's batch */
-        } else {
+    if (tl_wake == NULL) {
+        if (was_empty) {
             wake(e->ev_fd);
         }
+    } else if (ev->listener == 0 || (ev->kind == MP_EV_HANDSHAKE && !ev->relaying)) {
+        tl_wake->now = 1;
+    } else if (tl_wake->lazy == 0) {
+        tl_wake->lazy = now_s() + LAZY_WAKE_S;
     }
 }
 
@@ -1599,6 +1610,9 @@ run_commands(worker_t *w, cmd_t *list)
             break;
         case CMD_UNLISTEN:
             remove_slot(w, cmd->l);
+            if (tl_wake != NULL) {
+                tl_wake->now = 1; /* what it accepted so far reaches the drain at once */
+            }
             break;
         default:
             break;
@@ -1652,12 +1666,21 @@ worker_main(void *arg)
     char name[16];
     snprintf(name, sizeof name, "meshproxy-tls%u", (unsigned)(w - w->eng->workers) % 100u);
     pthread_setname_np(pthread_self(), name); /* visible in top -H and /proc */
-    int wake_pending = 0;
-    tl_wake_pending = &wake_pending;
+    wake_state ws = {0, 0};
+    tl_wake = &ws;
     while (!stopping) {
         int timeout = run_timers(w);
-        if (wake_pending) { /* before sleeping: the caller hears of this batch now */
-            wake_pending = 0;
+        if (ws.lazy > 0 && !ws.now) {
+            double left = ws.lazy - now_s();
+            if (left <= 0) {
+                ws.now = 1;
+            } else if (timeout < 0 || left * 1000 < timeout) {
+                timeout = (int)(left * 1000) + 1;
+            }
+        }
+        if (ws.now) { /* before sleeping: the caller hears of this batch now */
+            ws.now = 0;
+            ws.lazy = 0;
             wake(w->eng->ev_fd);
         }
         int n = epoll_wait(w->epfd, evs, EPOLL_BATCH, w->ready ? 0 : timeout);
@@ -1681,7 +1704,7 @@ worker_main(void *arg)
         reap(w);
     }
     worker_stop(w);
-    tl_wake_pending = NULL;
+    tl_wake = NULL;
     wake(w->eng->ev_fd); /* whatever worker_stop posted */
     return NULL;
 }

@@ -240,6 +240,7 @@ class NativeInboundListener:
             return
         listener, self._listener = self._listener, None
         self._engine.unlisten(listener)
+        self._engine.poll()  # what was accepted so far counts in the drain
 
     async def _stand_in(self, conn_id: int, ended: asyncio.Future[None]) -> None:
         """An engine's connection in the ConnectionSet: done when it ends (or Python takes

@@ -283,6 +283,12 @@ class NativeEngine:
             with _translate("listen", self.module):
                 self.native.unlisten(listener_id)
 
+    def poll(self) -> None:
+        """Dispatch the events waiting now. The engine wakes the loop late (up to 10 ms)
+        for events only logs and metrics need; this makes the state current."""
+        if not self._closing:
+            self._dispatch()
+
     def adopt(self, event: Event) -> NativeSession:
         """A listener's connection the engine left to us (its HANDSHAKE event, not
         relaying): a session whose handshake is done, waiting for relay() or close()."""
