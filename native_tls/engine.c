@@ -132,6 +132,10 @@ typedef struct conn {
     int hs_want, rd_want, wr_want, sd_want; /* SSL_ERROR_WANT_* that stopped each op */
     unsigned tls_eof : 1, app_eof : 1, app_shut : 1, notify_sent : 1, tcp_shut : 1,
         tcp_rd_eof : 1, handshake_posted : 1, on_ready : 1;
+    /* A recv returned less than asked: the socket is (very likely) empty. Epoll is level-
+     * triggered, so the read that would only say EAGAIN is skipped until it reports the
+     * fd readable again: a third fewer syscalls per request/response exchange. */
+    unsigned tcp_drained : 1, app_drained : 1;
     int io_errno; /* errno of the failed socket call behind an SSL error */
     uint64_t tls_to_app, app_to_tls;
     mp_event *final; /* preallocated by the caller: the last event can always be posted */
@@ -417,6 +421,7 @@ tio_read(BIO *b, char *data, int len)
     for (;;) {
         ssize_t n = recv(c->tcp_fd, data, (size_t)len, 0);
         if (n > 0) {
+            c->tcp_drained = n < len;
             return (int)n;
         }
         if (n == 0) {
@@ -1024,6 +1029,10 @@ tls_to_buffer(conn_t *c, int *progress)
         if (room == 0) {
             break; /* back-pressure: the app is slower than the peer */
         }
+        if (c->tcp_drained && !SSL_has_pending(c->ssl)) {
+            c->rd_want = SSL_ERROR_WANT_READ; /* until epoll says readable */
+            break;
+        }
         ERR_clear_error();
         int n = SSL_read(c->ssl, b->data + b->end, (int)room);
         if (n > 0) {
@@ -1091,9 +1100,13 @@ app_to_buffer(conn_t *c, int *progress)
         if (room == 0) {
             break; /* back-pressure: the peer is slower than the app */
         }
+        if (c->app_drained) {
+            break; /* until epoll says readable */
+        }
         ssize_t n = recv(c->app_fd, b->data + b->end, room, 0);
         if (n > 0) {
             b->end += (size_t)n;
+            c->app_drained = (size_t)n < room;
             *progress = 1;
             continue;
         }
@@ -1697,6 +1710,13 @@ worker_main(void *arg)
             } else if (ep->conn == NULL) {
                 accept_ready(w, (lslot_t *)ep);
             } else if (ep->conn->state != ST_DEAD) {
+                if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP)) {
+                    if (ep->app) {
+                        ep->conn->app_drained = 0;
+                    } else {
+                        ep->conn->tcp_drained = 0;
+                    }
+                }
                 on_io(ep->conn);
             }
         }
