@@ -395,10 +395,16 @@ def start_meshproxy(
     lis = Listeners(ready["bulk"], ready["webm"], ready["web"])
     # Only the `meshproxy run` process (all its threads) is the proxy; its app is the backend.
     server = Server(name, proc, lis, lambda: [proc.pid])
+    model = (
+        "require fails closed, so this row is the native engine or no row at all; its C "
+        "workers, one thread per CPU given by taskset, accept, handshake and relay, and "
+        "Python's event loop only hears of each connection"
+        if native == "require"
+        else "stdlib ssl on one uvloop event loop"
+    )
     server.notes.append(
-        f"{name}: MESHPROXY_NATIVE={native} (require fails closed, so this row is the native "
-        "engine or no row at all); proxy CPU = the `meshproxy run` process with all its "
-        "threads; log level warning (per-connection info lines off, like the C peers' access "
-        "logs)"
+        f"{name}: MESHPROXY_NATIVE={native} ({model}); proxy CPU = the `meshproxy run` "
+        "process with all its threads; log level warning (per-connection info lines off, "
+        "like the C peers' access logs)"
     )
     return _wait_listening(ctx, server)
