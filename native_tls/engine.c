@@ -900,6 +900,20 @@ hs_link(conn_t *c)
 
 static void listener_handshaken(conn_t *c);
 
+/* The handshake keeps OpenSSL's default-sized buffers for its whole length (releasing them
+ * after every flight cost a 64 KiB malloc/free each, and malloc_consolidate with them);
+ * the relay reads ahead in large buffers and gives them back whenever they are empty. */
+static void
+relay_buffers(conn_t *c)
+{
+    const mp_engine_config *cfg = &c->w->eng->cfg;
+    SSL_set_default_read_buffer_len(c->ssl, cfg->read_buffer_size);
+    if (cfg->release_buffers) {
+        SSL_set_mode(c->ssl, SSL_MODE_RELEASE_BUFFERS);
+        (void)SSL_free_buffers(c->ssl); /* fails, harmlessly, while bytes are buffered */
+    }
+}
+
 static void
 handshake_step(conn_t *c)
 {
@@ -910,6 +924,7 @@ handshake_step(conn_t *c)
             fail_errno(c, NULL, c->io_errno);
             return;
         }
+        relay_buffers(c);
         if (c->listener != NULL) {
             hs_unlink(c);
             listener_handshaken(c);
@@ -988,11 +1003,7 @@ begin_tls(worker_t *w, uint64_t id, int fd, mp_event *final, SSL_CTX *ctx, int s
     }
     BIO_set_data(bio, c);
     SSL_set_bio(c->ssl, bio, bio);
-    if (w->eng->cfg.release_buffers) {
-        SSL_set_mode(c->ssl, SSL_MODE_RELEASE_BUFFERS);
-    }
-    SSL_set_read_ahead(c->ssl, 1);
-    SSL_set_default_read_buffer_len(c->ssl, w->eng->cfg.read_buffer_size);
+    SSL_set_read_ahead(c->ssl, 1); /* the relay's sizes come after the handshake */
     if (server_side) {
         SSL_set_accept_state(c->ssl);
     } else {
