@@ -990,7 +990,7 @@ begin_tls(worker_t *w, uint64_t id, int fd, mp_event *final, SSL_CTX *ctx, int s
     }
     int one = 1;
     (void)setsockopt(c->tcp_fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one); /* as uvloop */
-    if (set_nonblocking(c->tcp_fd) < 0) {
+    if (l == NULL && set_nonblocking(c->tcp_fd) < 0) { /* accept4 made ours non-blocking */
         fail_errno(c, NULL, errno);
         return;
     }
