@@ -1940,6 +1940,20 @@ mp_engine_close(mp_engine *e, uint64_t conn_id, const char *reason, char *err, s
                          errlen);
 }
 
+/* Fail closed: a listener for marbles only ever runs with a context that demands and
+ * verifies client certificates, since C then trusts the chain for its identity check. */
+static int
+context_fits(const SSL_CTX *ctx, int anonymous, char *err, size_t errlen)
+{
+    int mode = SSL_CTX_get_verify_mode(ctx);
+    if (!anonymous && !((mode & SSL_VERIFY_PEER) && (mode & SSL_VERIFY_FAIL_IF_NO_PEER_CERT))) {
+        snprintf(err, errlen, "a listener for marbles needs a context that verifies client "
+                              "certificates");
+        return -1;
+    }
+    return 0;
+}
+
 static listener_t *
 listener_new(const mp_listener_config *cfg, char *err, size_t errlen)
 {
@@ -1987,6 +2001,9 @@ mp_engine_listen(mp_engine *e, const mp_listener_config *cfg, uint32_t *listener
     }
     if (!cfg->anonymous && cfg->trust_domain == NULL) {
         snprintf(err, errlen, "a listener for marbles needs a trust domain");
+        return -1;
+    }
+    if (context_fits(cfg->ctx, cfg->anonymous, err, errlen) < 0) {
         return -1;
     }
     if (!(cfg->handshake_timeout > 0 && cfg->handshake_timeout < 86400)) {
@@ -2072,6 +2089,10 @@ mp_engine_listener_context(mp_engine *e, uint32_t listener_id, SSL_CTX *ctx, cha
     listener_t *l = listener_find(e, listener_id, 0);
     if (l == NULL) {
         snprintf(err, errlen, "no such listener");
+        return -1;
+    }
+    if (context_fits(ctx, l->anonymous, err, errlen) < 0) {
+        listener_release(l);
         return -1;
     }
     SSL_CTX_up_ref(ctx);

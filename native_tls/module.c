@@ -310,13 +310,6 @@ Engine_listen(EngineObject *self, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_ValueError, "a listener needs a server context");
         return NULL;
     }
-    int mode = SSL_CTX_get_verify_mode(ctx->ctx);
-    int verifies = (mode & SSL_VERIFY_PEER) && (mode & SSL_VERIFY_FAIL_IF_NO_PEER_CERT);
-    if (!anonymous && !verifies) { /* fail closed: marbles only with a verified chain */
-        PyErr_SetString(PyExc_ValueError, "a listener for marbles needs a context that "
-                                          "verifies client certificates");
-        return NULL;
-    }
     PyObject *empty = allowed == NULL ? PyTuple_New(0) : NULL;
     if (allowed == NULL && empty == NULL) {
         return NULL;

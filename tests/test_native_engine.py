@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import serialization
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshproxy import pki
-from meshproxy.errors import NativeUnavailable, PKIError
+from meshproxy.errors import MeshError, NativeUnavailable, PKIError
 from meshproxy.proxy import ConnectionSet, InboundSpec, OutboundSpec
 from meshproxy.proxy._admin import AdminServer
 from meshproxy.proxy._metrics import ProxyMetrics
@@ -765,6 +765,24 @@ def test_a_verified_chain_is_remembered_per_trust_store_and_failures_never(
         other = TLSIdentity(backend.chain_pem, backend.key_pem, pki.cert_to_pem(ca.foreign.cert))
         listener.set_context(native_server_context(other, client_auth=True))
         assert await connects(port, ids["frontend"]) is False
+
+    run(scenario)
+
+
+def test_a_marbles_listener_never_runs_with_a_context_that_skips_client_certificates(
+    ids: dict[str, TLSIdentity], workdir: Path
+) -> None:
+    async def scenario(scene: Scene) -> None:
+        spec = InboundSpec(
+            "api", "127.0.0.1", 0, "marbles", ("frontend",), DOMAIN, workdir / "app.sock"
+        )
+        lax = native_server_context(ids["backend"], client_auth=False)
+        listener = NativeInboundListener(spec, lax, scene.engine, scene.connections)
+        with pytest.raises(MeshError, match="needs a context that verifies client certificates"):
+            await listener.start()
+        listener, _ = await scene.inbound(workdir, ids["backend"])
+        with pytest.raises(MeshError, match="needs a context that verifies client certificates"):
+            listener.set_context(lax)
 
     run(scenario)
 
