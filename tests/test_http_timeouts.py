@@ -17,7 +17,10 @@ import h2.events
 import hyperframe.frame
 import pytest
 import test_http_proxy as base
+import yaml
 
+from meshproxy.config import load_marble_config
+from meshproxy.errors import ConfigError
 from meshproxy.proxy.http import HttpLimits
 from meshproxy.proxy.http._model import ENHANCE_YOUR_CALM, NO_ERROR
 
@@ -178,3 +181,56 @@ def test_an_http2_frame_left_incomplete_ends_the_connection(
         await c.close()
 
     run(scenario())
+
+
+# -- the listener config ---------------------------------------------------------------------
+def _config(tmp_path: Path, inbound: dict[str, object], outbound: dict[str, object]) -> Path:
+    doc = {
+        "coordinator": {"address": "127.0.0.1:2001"},
+        "marble": {"type": "backend"},
+        "attestation": {"provider": "simulation", "enclave": "backend.signed.json"},
+        "workdir": "run",
+        "inbound": [{"name": "api", "listen": "127.0.0.1:8443", **inbound}],
+        "outbound": [{"name": "store", "upstream": "store.mesh:6443", "peer": "store", **outbound}],
+    }
+    path = tmp_path / "marble.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_timeouts_are_read_from_http_listeners_and_default_to_1h_and_10s(tmp_path: Path) -> None:
+    cfg = load_marble_config(
+        _config(
+            tmp_path,
+            {"protocol": "http", "timeouts": {"idle": "90s", "header": "2.5s"}},
+            {"protocol": "hbone", "timeouts": {"idle": "5m"}},
+        )
+    )
+    assert (cfg.inbound[0].timeouts.idle, cfg.inbound[0].timeouts.header) == (90.0, 2.5)
+    assert (cfg.outbound[0].timeouts.idle, cfg.outbound[0].timeouts.header) == (300.0, 10.0)
+    cfg = load_marble_config(_config(tmp_path, {"protocol": "http"}, {}))
+    assert (cfg.inbound[0].timeouts.idle, cfg.inbound[0].timeouts.header) == (3600.0, 10.0)
+    assert HttpLimits().idle_timeout == 3600.0  # the proxy's defaults are the same
+    assert HttpLimits().header_timeout == 10.0
+
+
+@pytest.mark.parametrize(
+    ("inbound", "outbound", "message"),
+    [
+        ({"timeouts": {"idle": "1h"}}, {},
+         r"inbound\[0\]\.timeouts: timeouts are for protocol: http and hbone"),
+        ({}, {"timeouts": {"idle": "1h"}},
+         r"outbound\[0\]\.timeouts: timeouts are for protocol: http and hbone"),
+        ({"protocol": "http", "timeouts": {"idel": "1h"}}, {},
+         r"inbound\[0\]\.timeouts: unknown key 'idel' \(did you mean 'idle'\?\)"),
+        ({"protocol": "http", "timeouts": {"header": "soon"}}, {},
+         r"inbound\[0\]\.timeouts\.header: invalid duration 'soon'"),
+        ({"protocol": "http", "timeouts": {"header": 0}}, {},
+         r"inbound\[0\]\.timeouts\.header: must be a positive duration"),
+    ],
+)  # fmt: skip
+def test_bad_timeouts_are_refused_naming_the_key(
+    tmp_path: Path, inbound: dict[str, object], outbound: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match="^marble.yaml: " + message):
+        load_marble_config(_config(tmp_path, inbound, outbound))

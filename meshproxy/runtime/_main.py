@@ -269,6 +269,9 @@ async def serve(plan: RunPlan, renewal: tuple[AgentRenewal, Lease] | None = None
             li.stop_accepting()
         for lo in outbound:
             lo.stop_accepting()
+        for spec in [li.spec for li in inbound] + [lo.spec for lo in outbound]:
+            if spec.http is not None:  # HTTP/2 GOAWAY, HTTP/1.1 Connection: close
+                spec.http.drain.begin()
         code = await waiter
         dropped = await connections.drain(plan.drain_grace)
         log.info("exiting", extra={"event": "runtime.exit", "code": code, "dropped": dropped})
@@ -380,7 +383,7 @@ def _listeners(
 ) -> tuple[list[Inbound], list[Outbound]]:
     cfg = plan.config
     if _speaks_http(cfg):
-        from meshproxy.proxy.http import InboundHttp, OutboundHttp, RoutePolicy
+        from meshproxy.proxy.http import HttpLimits, InboundHttp, OutboundHttp, RoutePolicy
     contexts = _Contexts(plan.identity)
     inbound: list[Inbound] = []
     for i in cfg.inbound:
@@ -389,6 +392,7 @@ def _listeners(
             our_id = spiffe_id(plan.trust_domain, cfg.marble.type)
             http = InboundHttp(
                 i.app_protocol, our_id, plan.routes.get(i.name, RoutePolicy()),
+                HttpLimits(idle_timeout=i.timeouts.idle, header_timeout=i.timeouts.header),
                 mode=i.protocol, proxy_protocol=i.proxy_protocol == "v2",
             )  # fmt: skip
         spec = InboundSpec(
@@ -407,8 +411,10 @@ def _listeners(
         spec_out = OutboundSpec(
             name=o.name, socket_path=cfg.outbound_socket(o.name), host=o.upstream.host,
             port=o.upstream.port, sni=o.sni, peer=o.peer, trust_domain=plan.trust_domain,
-            http=OutboundHttp(contexts.offers(o), mode=o.protocol) if o.protocol != "tcp"
-            else None,
+            http=OutboundHttp(
+                contexts.offers(o), mode=o.protocol,
+                limits=HttpLimits(idle_timeout=o.timeouts.idle, header_timeout=o.timeouts.header),
+            ) if o.protocol != "tcp" else None,
         )  # fmt: skip
         if engine is not None and spec_out.http is None:
             nctx = contexts.native_outbound(o)
