@@ -145,3 +145,25 @@ def test_a_backdated_leaf_counts_its_lifetime_from_when_it_was_received() -> Non
     assert lease.renew_at() == pytest.approx(now.timestamp() + 42, abs=1)
     other = pki.create_intermediate(root, now=now, simulated=True, key=pki.generate_key())
     assert lease.intermediate != lease_of(leaf, other.cert).intermediate
+
+
+def test_a_renewal_the_data_plane_cannot_install_is_retried() -> None:
+    from meshproxy.errors import PKIError
+
+    now = time.time()
+    lease = Lease(now - 7, now + 3.1, "old")  # past 70 %
+    first = Renewed(Lease(now, now + 3600, "bad"), payload="unloadable")
+    second = Renewed(Lease(now, now + 3600, "new"), payload="identity")
+    fake = Fake([first, second])
+    calls: list[object] = []
+
+    async def apply(renewed: Renewed) -> None:
+        calls.append(renewed.payload)
+        if renewed.payload == "unloadable":
+            raise PKIError("certificate chain and private key do not load")
+
+    renewer = Renewer(lease, renew=fake.renew, current_intermediate=fake.current,
+                      apply=apply, cut_off=fake.cut_off, poll=0.05)  # fmt: skip
+    run_for(renewer, 1.5)
+    assert calls == ["unloadable", "identity"]
+    assert renewer.lease.intermediate == "new"  # the failed one was never taken as current

@@ -309,6 +309,21 @@ def _mesh_doc(mesh: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _die_with_parent() -> None:
+    """The agent works for one proxy: when that proxy dies (a SIGTERM during a long
+    activation), the agent goes too instead of finishing an attestation nobody reads.
+    (Linux ties this to the spawning thread: the proxy spawns from its main thread or
+    from the event loop's executor threads, which live as long as the proxy serves.)"""
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+_PR_SET_PDEATHSIG = 1
+
 if __name__ == "__main__":
     os.umask(0o077)
+    _die_with_parent()
     sys.exit(main(sys.argv[1:]))

@@ -163,8 +163,14 @@ class Renewer:
                     self._failed(exc, backoff)
                     backoff = min(backoff * 2, RETRY_MAX)
                     continue
+                try:
+                    await self._apply(renewed)
+                except MeshError as exc:  # e.g. a certificate the TLS library refuses
+                    retry_at = self._clock() + backoff
+                    self._failed(exc, backoff)
+                    backoff = min(backoff * 2, RETRY_MAX)
+                    continue
                 old, self.lease = self.lease, renewed.lease
-                await self._apply(renewed)
                 self.renewals += 1
                 log.info(
                     "certificate renewed",
