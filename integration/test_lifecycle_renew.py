@@ -7,8 +7,8 @@ processes and a real coordinator:
 An update raises the package's SecurityVersion to 2. The compliant marbles (SVN 2) learn
 of it from the coordinator's status (a new intermediate), renew, and go on: an open
 connection keeps working, new connections get the new certificate, the apps are not
-restarted. The old marble (SVN 1) is refused renewal, says so loudly, and stops serving
-when its certificate (CertificateLifetime 1m) expires.
+restarted; at 70 % of the 1-minute lifetime they renew again. The old marble (SVN 1) is
+refused renewal, says so loudly, and stops serving when its certificate expires.
 """
 
 from __future__ import annotations
@@ -152,3 +152,15 @@ def test_an_update_renews_compliant_marbles_and_cuts_off_an_old_one(
     assert events(old, "renewal.expired")
     assert old.popen.poll() is None  # still running, still retrying
     assert not refuses(srv_port)
+
+    # Meanwhile the 1-minute leaves came to 70 % of their lifetime: renewed again, no update.
+    wait_for(lambda: len(events(srv, "renewal.done")) >= 2, 30, "a second renewal", srv.popen)
+    first, second = events(srv, "renewal.done")[:2]
+    assert first["new_intermediate"] is True
+    assert second["new_intermediate"] is False
+    assert len(events(srv, "renewal.update")) == 1
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as again:
+        again.settimeout(10)
+        again.connect(client.info["outbound"]["up"])
+        again.sendall(b"again\n")
+        assert again.recv(100) == b"again\n"
