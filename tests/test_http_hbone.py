@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import h2.events
+import h2.settings
 import pytest
 import test_http_proxy as base
 
@@ -131,6 +132,56 @@ def test_connect_streams_become_byte_streams_to_the_app(ca: Pki, workdir: Path) 
         assert [_data(c, s) for s in sids] == [f"payload-{i}".encode() for i in range(100)]
         await c.close()
         app.close()
+
+    run(scenario())
+
+
+def test_a_client_with_ztunnels_http2_settings_moves_megabytes_both_ways(
+    ca: Pki, workdir: Path
+) -> None:
+    """ztunnel's HBONE client: 4 MiB stream and 16 MiB connection windows, 1 MiB frames,
+    no push, and its CONNECT headers (meshpeers.md 2c)."""
+    payload = bytes(range(256)) * 8192  # 2 MiB
+
+    async def scenario() -> None:
+        app = await echo_app(workdir / "inbound-tunnel.sock")
+        try:
+            mesh = await start_hbone(ca, workdir)
+            c = await H2.tls(mesh.port, ca)
+            codes = h2.settings.SettingCodes
+            c.conn.update_settings(
+                {codes.INITIAL_WINDOW_SIZE: 4 << 20, codes.MAX_FRAME_SIZE: 1 << 20,
+                 codes.ENABLE_PUSH: 0, codes.MAX_HEADER_LIST_SIZE: 16 << 10}
+            )  # fmt: skip
+            c.conn.increment_flow_control_window((16 << 20) - 65535)
+            sid = c.conn.get_next_available_stream_id()
+            c.conn.send_headers(
+                sid,
+                [(":method", "CONNECT"), (":authority", "10.244.0.12:8080"),
+                 ("baggage", "k8s.namespace.name=default,k8s.workload.name=client"),
+                 ("forwarded", 'for="10.244.0.9:39012";host=backend.default.svc.cluster.local'),
+                 ("traceparent", "00-" + "a" * 32 + "-" + "b" * 16 + "-01"),
+                 ("x-forwarded-network", "net1")],
+            )  # fmt: skip
+            await c.flush()
+            await c.until(lambda: _status(c, sid) is not None)
+            assert _status(c, sid) == 200
+            view = memoryview(payload)
+            while view:  # within the server's windows, as a client must
+                await c.until(lambda: c.conn.local_flow_control_window(sid) > 0)
+                n = min(len(view), c.conn.local_flow_control_window(sid),
+                        c.conn.max_outbound_frame_size)  # fmt: skip
+                c.conn.send_data(sid, view[:n].tobytes(), end_stream=n == len(view))
+                view = view[n:]
+                await c.flush()
+            ended = lambda: any(  # noqa: E731
+                isinstance(e, h2.events.StreamEnded) and e.stream_id == sid for e in c.events
+            )
+            await c.until(ended, timeout=30)
+            assert _data(c, sid) == payload
+            await c.close()
+        finally:
+            app.close()
 
     run(scenario())
 
