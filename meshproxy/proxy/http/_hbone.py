@@ -25,10 +25,8 @@ import logging
 import re
 from pathlib import Path
 
-from cryptography import x509
-
 from meshproxy.errors import PKIError
-from meshproxy.pki import PeerIdentity, identity_of
+from meshproxy.pki import CertNames, PeerIdentity, identity_of
 from meshproxy.proxy import _proxyproto
 from meshproxy.proxy._relay import ByteStream
 from meshproxy.proxy.http._forward import Observer, ServerExchange, local_reply
@@ -64,12 +62,12 @@ def parse_authority(authority: bytes) -> tuple[str, int] | None:
     return host, int(port)
 
 
-def hbone_caller(der: bytes, trust_domain: str) -> PeerIdentity | None:
+def hbone_caller(names: CertNames, trust_domain: str) -> PeerIdentity | None:
     """The identity of a chain-verified HBONE caller if it is of ``trust_domain``
     (it then gets 401 on its CONNECTs when not allowed); None: refuse the connection."""
     try:
-        ident = identity_of(x509.load_der_x509_certificate(der))
-    except (ValueError, PKIError):
+        ident = identity_of(names)
+    except PKIError:
         return None
     return ident if ident.trust_domain == trust_domain else None
 
