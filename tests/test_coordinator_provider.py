@@ -252,3 +252,31 @@ def test_a_missing_device_is_a_one_line_error(
     err = one_line_error(argv, capsys)
     assert f"--attestation {attestation}: {dev / device} does not exist" in err
     assert "pass --simulation to run without SGX" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--simulation"], ("simulation", "simulation")),
+        (["--attestation", "simulation"], ("simulation", "simulation")),
+        (["--simulation", "--attestation", "simulation"], ("simulation", "simulation")),
+        (["--simulation", "--seal", "gramine", "--device-dir", "{dev}"], ("simulation", "gramine")),
+        (["--attestation", "gramine", "--device-dir", "{dev}"], ("gramine", "gramine")),
+        (["--attestation", "gramine", "--seal", "none", "--device-dir", "{dev}"],
+         ("gramine", "none")),
+        (["--attestation", "occlum", "--seal", "none", "--device-dir", "{dev}"],
+         ("occlum", "none")),
+    ],
+)  # fmt: skip
+def test_good_attestation_choices_and_their_sealers(
+    argv: list[str], expected: tuple[str, str], tmp_path: Path
+) -> None:
+    from meshproxy.cli import build_parser
+    from meshproxy.cli.coordinator import _attestation
+
+    dev = gramine_dev(tmp_path)
+    (dev / "sgx").write_bytes(b"")
+    args = build_parser().parse_args(
+        ["coordinator", "--state-dir", str(tmp_path / "state")] + [a.format(dev=dev) for a in argv]
+    )
+    assert _attestation(args) == expected
