@@ -181,3 +181,61 @@ def test_linkerd_transport_header_is_refused_by_name_and_never_reaches_the_app(
     assert len(closes) == 1
     assert "transport.l5d.io/v1" in closes[0].reason  # type: ignore[attr-defined]
     assert "opaque" in closes[0].reason  # type: ignore[attr-defined]
+
+
+# -- an upstream that refuses streams --------------------------------------------------------
+async def _refusing_app(path: Path, seen: list[str]) -> asyncio.AbstractServer:
+    """An h2c app that refuses ``/refuse-once`` the first time and ``/refuse-always``
+    every time with RST_STREAM REFUSED_STREAM, and answers anything else 200."""
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        )
+        conn.initiate_connection()
+        w.write(conn.data_to_send())
+        while data := await r.read(65536):
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.RequestReceived):
+                    target = dict(ev.headers)[":path"]
+                    first = target not in seen
+                    seen.append(target)
+                    if target == "/refuse-always" or (target == "/refuse-once" and first):
+                        conn.reset_stream(ev.stream_id, REFUSED_STREAM)
+                    else:
+                        conn.send_headers(ev.stream_id, [(":status", "200")])
+                        conn.send_data(ev.stream_id, b"ok", end_stream=True)
+                elif isinstance(ev, h2.events.DataReceived):
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            w.write(conn.data_to_send())
+        w.close()
+
+    return await asyncio.start_unix_server(handle, path=str(path))
+
+
+def test_a_request_without_a_body_that_the_upstream_refused_is_sent_once_more(
+    ca: Pki, workdir: Path
+) -> None:
+    seen: list[str] = []
+
+    async def scenario() -> None:
+        app = await _refusing_app(workdir / "inbound-api.sock", seen)
+        try:
+            mesh = await base.start_mesh(ca, workdir, app_protocol="h2c")
+            c = await H2.tls(mesh.port, ca)
+            status, _, body, _ = await c.request("/refuse-once")
+            assert (status, body) == (200, b"ok")  # refused unprocessed, sent again
+            sid = _post(c, "/refuse-always")  # a body: it cannot be sent again
+            c.conn.send_data(sid, b"payload", end_stream=True)
+            await c.flush()
+            await c.until(lambda: _ended(c, sid))
+            assert _reset_code(c, sid) == REFUSED_STREAM  # the refusal, passed on
+            with pytest.raises(AssertionError, match="reset with code 7"):
+                await c.request("/refuse-always")  # retried once, then passed on
+            await c.close()
+        finally:
+            app.close()
+
+    run(scenario())
+    assert seen == ["/refuse-once", "/refuse-once", "/refuse-always", "/refuse-always",
+                    "/refuse-always"]  # fmt: skip

@@ -615,7 +615,7 @@ class H2Server(H2Endpoint):
         if self._last_stream is not None and sid > self._last_stream:
             self._refuse(sid, "after GOAWAY")
             return
-        if len(self._streams) >= self.limits.max_concurrent_streams:
+        if self._open_streams() >= self.limits.max_concurrent_streams:
             # a refused stream cost us its head: it spends the peer's reset budget too
             self._refuse(sid, f"over the limit of {self.limits.max_concurrent_streams} streams")
             self._spend()
@@ -632,6 +632,15 @@ class H2Server(H2Endpoint):
         st.task = task
         self._running.add(task)
         task.add_done_callback(functools.partial(self._handler_done, sid))
+
+    def _open_streams(self) -> int:
+        """Streams that count against the limit: not yet closed both ways (RFC 9113 5.1;
+        a handler may still be winding up one the client already saw end)."""
+        return sum(
+            1
+            for st in self._streams.values()
+            if st.reset is None and not (st.local_ended and st.body.ended)
+        )
 
     def _handler_done(self, stream_id: int, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
@@ -738,4 +747,5 @@ class H2Client(H2Endpoint):
         last = event.last_stream_id or 0
         for st in list(self._streams.values()):
             if st.id > last:  # never processed: safe for the client to retry
-                self._fail(st, StreamReset(REFUSED_STREAM, "upstream sent GOAWAY before it"))
+                refused = StreamReset(REFUSED_STREAM, "upstream sent GOAWAY before it", remote=True)
+                self._fail(st, refused)
