@@ -27,6 +27,7 @@ from meshproxy.attestation import (
     SimulationPlatform,
     intel_anchor,
     parse_quote,
+    simulation_anchor,
     verify_quote,
 )
 from meshproxy.cli import main
@@ -280,3 +281,29 @@ def test_good_attestation_choices_and_their_sealers(
         ["coordinator", "--state-dir", str(tmp_path / "state")] + [a.format(dev=dev) for a in argv]
     )
     assert _attestation(args) == expected
+
+
+def test_simulation_is_unchanged_its_platform_quotes_and_marks_everything(tmp_path: Path) -> None:
+    opts = Options(
+        state_dir=tmp_path / "state",
+        client_addr=("127.0.0.1", 0),
+        mesh_addr=("127.0.0.1", 0),
+        dns_names=("localhost",),
+        simulation=True,
+        platform_dir=tmp_path / "sim",
+        seal="simulation",
+    )
+    built = build(opts, NOW)
+    try:
+        core = built.core
+        assert core.simulation is True
+        assert SIMULATION_MARK in core.root.cert.subject.rfc4514_string()
+        nonce = os.urandom(16)
+        platform = SimulationPlatform.load(tmp_path / "sim")
+        verified = verify_quote(core.quote(nonce), [simulation_anchor(platform)], now=NOW)
+        assert verified.simulated
+        assert verified.identity == coordinator_identity()
+        root_der = core.root.cert.public_bytes(Encoding.DER)
+        assert verified.report_data[:32] == coordinator_report_data(root_der, nonce)
+    finally:
+        built.store.close()
