@@ -17,7 +17,8 @@ def register(sub: Any) -> None:
         description="Run a coordinator: it attests marbles, issues their certificates, "
         "serves the manifest and its own quote, users' secrets and updates. Several replicas "
         "share state with --store etcd; a new replica gets the state key from an attested "
-        "peer. Runs until SIGTERM.",
+        "peer. Inside an SGX enclave it quotes with --attestation gramine|occlum; without "
+        "SGX, --simulation. Runs until SIGTERM.",
     )
     p.add_argument(
         "--state-dir",
