@@ -6,7 +6,9 @@ read with a real Intel quote from the vectors and records the report data the co
 wrote to ``user_report_data`` just before. The users' side (``meshproxy status``,
 ``meshproxy manifest verify``), trusting only Intel, verifies that quote to Intel's root
 and then refuses it because its report data does not bind the coordinator's root and the
-client's nonce: proof the quote went end to end through the hardware path. Occlum's
+client's nonce: proof the quote went end to end through the hardware path. Two such
+replicas on etcd run the attested key exchange through their devices, and the peer refuses
+the newcomer because its quote does not bind the exchange. Occlum's
 ``/dev/sgx`` needs the DCAP ioctls, which a file cannot answer: the coordinator makes its
 start-up quote through them and stops with the driver's refusal.
 """
@@ -24,7 +26,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from integration.harness import Cluster
+from integration.harness import Cluster, wait_for
+from integration.test_lifecycle_env import etcd_server
 from meshproxy.coordinator import _wire as wire
 from meshproxy.coordinator._server import IDENTITY_PROBE
 from meshproxy.coordinator.client import Connection
@@ -155,3 +158,38 @@ def test_occlum_coordinator_quotes_through_the_sgx_device_ioctls(tmp_path: Path)
     ), res.stderr
     assert res.stderr.count("\n") == 1
     assert "Traceback" not in res.stderr
+
+
+def test_gramine_replicas_exchange_device_quotes_and_refuse_an_unbound_one(
+    tmp_path: Path,
+) -> None:
+    """Two machines (each its own sealing keys): the second cannot open the state and asks
+    the first for the key with a quote from its device; the first verifies it to Intel's
+    root, finds it does not bind the key exchange, and never quotes an answer."""
+    devs = [_gramine_dev(tmp_path / f"machine-{n}") for n in range(2)]
+    with (
+        etcd_server(tmp_path) as etcd,
+        _gramine_quotes(devs[0] / "attestation", INTEL_QUOTE) as served0,
+        _gramine_quotes(devs[1] / "attestation", INTEL_QUOTE) as served1,
+        Cluster(tmp_path / "c") as c,
+    ):
+        replicas = []
+        for n, dev in enumerate(devs):  # one after the other: the first creates the state
+            extra = ("--attestation", "gramine", "--device-dir", str(dev),
+                     "--store", "etcd", "--etcd-endpoints", etcd.url)  # fmt: skip
+            replicas.append(
+                c.start_coordinator(name=f"replica-{n}", state_dir=c.base / f"r{n}", extra=extra)
+            )
+        peer = replicas[0].info["mesh"]
+        refusal = f"coordinator {peer} refused: the requesting replica's quote does not bind"
+        wait_for(lambda: refusal in replicas[1].log.read_text(), 60, "the peer's refusal")
+        assert "received the state key" not in replicas[1].log.read_text()
+        status = Connection(replicas[1].info["client"], None, 10).request(
+            "GET", wire.CLIENT_PATHS["status"]
+        )
+        assert status["code"] == 1  # recovery: locked out of the shared state
+        assert status["simulation"] is False
+        assert served0 == [_padded(IDENTITY_PROBE)]  # the peer never quoted an answer
+        assert served1[0] == _padded(IDENTITY_PROBE)
+        assert len(served1) >= 2  # the key request's quote came from the device
+        assert _padded(IDENTITY_PROBE) not in served1[1:]
