@@ -2,7 +2,7 @@
 activation latency under load, marble start-to-ready.
 
     .venv/bin/python -m integration.bench.coordinator_bench [--activations 1500]
-        [--concurrency 16] [--rate 300] [--ready-samples 5] [--only plain|counted|secrets ...]
+        [--concurrency 16] [--rate 250] [--ready-samples 5] [--only plain|counted|secrets ...]
         [--json results-coordinator.json]
 
 A simulated coordinator runs pinned to CPU 1 (every thread of it) and gets a manifest with
@@ -406,9 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--rate",
         type=float,
-        default=300.0,
+        default=250.0,
         help="then 4 s of plain activations started at this rate, for latency under a "
-        "steady load (300/s; 0: skip)",
+        "steady load (250/s: half the 500/s target; 0: skip)",
     )
     p.add_argument(
         "--store",
