@@ -116,6 +116,13 @@ class EtcdStore:
 
     # -- transport -----------------------------------------------------------------------
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST to the first endpoint that answers.
+
+        Another endpoint is tried only when the request cannot have reached etcd (the
+        connection or the sending failed). A transaction whose answer was lost after it
+        was sent may have been applied: sent again it would lose its compare (its own
+        write changed the revision) and a compare-and-swap caller would count twice, so
+        that is a ``StoreError`` ("outcome unknown") instead."""
         payload = json.dumps(body).encode()
         errors = []
         for i in range(len(self.endpoints)):
@@ -133,6 +140,11 @@ class EtcdStore:
                 detail = exc.read()[:200].decode("utf-8", "replace")
                 raise StoreError(f"etcd {url}: HTTP {exc.code}: {detail}") from None
             except (OSError, ValueError) as exc:
+                if path == "/v3/kv/txn" and not isinstance(exc, urllib.error.URLError):
+                    raise StoreError(
+                        f"etcd {url}: the answer to a transaction was lost ({exc}); its "
+                        "outcome is unknown"
+                    ) from None
                 cause = exc if isinstance(exc, ssl.SSLError) else getattr(exc, "reason", exc)
                 reason = str(cause)
                 if isinstance(cause, ssl.SSLError):
