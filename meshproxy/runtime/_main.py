@@ -89,8 +89,19 @@ def _speaks_http(cfg: MarbleConfig) -> bool:
     )
 
 
-def run(config_path: Path, app_argv: Sequence[str]) -> int:
-    """``meshproxy run``: returns the app's exit status."""
+def run(
+    config_path: Path, app_argv: Sequence[str], *, pending: _agent.Pending | None = None
+) -> int:
+    """``meshproxy run``: returns the app's exit status. ``pending``: the agent, started
+    by the caller before this module was even imported (``cli.run``)."""
+    pending = pending or _agent.begin_activation(config_path)
+    try:
+        return _run(config_path, app_argv, pending)
+    finally:
+        pending.cancel()  # a no-op once it answered
+
+
+def _run(config_path: Path, app_argv: Sequence[str], pending: _agent.Pending) -> int:
     cfg = load_marble_config(config_path)
     setup_logging(cfg.log.level, cfg.log.format)
     log.info(
@@ -104,7 +115,7 @@ def run(config_path: Path, app_argv: Sequence[str]) -> int:
     # Attesting (cryptography, the attestation package, the coordinator client) runs in
     # the short-lived agent, so none of it stays in this long-lived process (_agent).
     # The agent also writes the manifest's Files.
-    activated = _agent.activate(config_path, cfg.coordinator.activation_timeout)
+    activated = _agent.activate(config_path, cfg.coordinator.activation_timeout, pending=pending)
     plan = plan_of(cfg, activated, app_argv)
     source = AgentRenewal(
         config_path, activated.uuid, activated.root_pem, cfg.coordinator.address.host,
