@@ -79,6 +79,7 @@ class Activated:
     mesh: MeshView
     lease: Lease
     simulated: bool
+    sealing_key: Secret | None = field(default=None, repr=False)  # Gramine's mounts
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,9 @@ def activate(config: Path, timeout: float, *, pending: Pending | None = None) ->
             mesh=_mesh(doc["mesh"]),
             lease=Lease(**doc["lease"]),
             simulated=bool(doc["simulated"]),
+            sealing_key=(
+                Secret(base64.b64decode(doc["sealing_key"])) if doc.get("sealing_key") else None
+            ),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise MeshError(f"the attestation agent answered malformed JSON: {exc}") from None
@@ -376,6 +380,11 @@ def _activate(cfg: Any) -> dict[str, Any]:
         "mesh": _mesh_doc(act.mesh),
         "lease": dataclasses.asdict(lease_of(act.leaf, act.intermediate)),
         "simulated": act.simulated,
+        # Under Gramine the proxy installs it in its own process too: the app is its child,
+        # and the agent is another enclave process (_main._install_sealing_key).
+        "sealing_key": (
+            base64.b64encode(act.sealing_key.reveal()).decode() if act.sealing_key else None
+        ),
     }
 
 

@@ -116,12 +116,32 @@ def _run(config_path: Path, app_argv: Sequence[str], pending: _agent.Pending) ->
     # the short-lived agent, so none of it stays in this long-lived process (_agent).
     # The agent also writes the manifest's Files.
     activated = _agent.activate(config_path, cfg.coordinator.activation_timeout, pending=pending)
+    if cfg.attestation.provider == "gramine":
+        _install_sealing_key(cfg, activated)
     plan = plan_of(cfg, activated, app_argv)
     source = AgentRenewal(
         config_path, activated.uuid, activated.root_pem, cfg.coordinator.address.host,
         cfg.coordinator.address.port,
     )  # fmt: skip
     return uvloop.run(serve(plan, (source, activated.lease)))
+
+
+def _install_sealing_key(cfg: MarbleConfig, activated: Activated) -> None:
+    """Gramine's encrypted mounts get the marble's sealing key in this process, the app's
+    parent; the agent installed it in its own (another enclave process under Gramine)."""
+    from meshproxy.attestation import SEAL_KEY_NAME, GramineProvider, provider_for
+    from meshproxy.errors import CoordinatorError
+
+    if activated.sealing_key is None:
+        raise CoordinatorError(
+            "the coordinator sent no sealing key for this marble's Gramine encrypted mounts; "
+            "upgrade the coordinator"
+        )
+    provider = provider_for("gramine", device_root=cfg.attestation.device_dir)
+    assert isinstance(provider, GramineProvider)
+    path = provider.install_key(SEAL_KEY_NAME, activated.sealing_key)
+    log.info("sealing key installed", extra={"event": "attestation.sealing_key",
+                                             "path": str(path)})  # fmt: skip
 
 
 def execute(
