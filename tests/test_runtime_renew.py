@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 
 import pytest
 
@@ -167,3 +168,26 @@ def test_a_renewal_the_data_plane_cannot_install_is_retried() -> None:
     run_for(renewer, 1.5)
     assert calls == ["unloadable", "identity"]
     assert renewer.lease.intermediate == "new"  # the failed one was never taken as current
+
+
+def test_the_update_poll_is_configured_and_bounded(tmp_path: Path) -> None:
+    import yaml
+
+    from meshproxy.config import load_marble_config
+    from meshproxy.errors import ConfigError
+
+    def load(poll: object) -> float:
+        coordinator = {"address": "127.0.0.1:2001"}
+        if poll is not None:
+            coordinator["update_poll"] = poll  # type: ignore[assignment]
+        doc = {"coordinator": coordinator, "marble": {"type": "web"},
+               "attestation": {"provider": "simulation", "enclave": "e.json"},
+               "workdir": "run"}  # fmt: skip
+        path = tmp_path / "marble.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        return load_marble_config(path).coordinator.update_poll
+
+    assert load(None) == 10.0
+    assert load("30s") == 30.0
+    with pytest.raises(ConfigError, match=r"coordinator\.update_poll: must be between 1s and 1h"):
+        load("100ms")

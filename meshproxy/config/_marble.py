@@ -60,6 +60,7 @@ class CoordinatorConfig:
     root_cert: Path | None
     activation_timeout: float
     policy: Path | None = None  # the coordinator identity to require (manifest verify's format)
+    update_poll: float = 10.0  # seconds between polls for a new intermediate (renewal)
 
 
 @dataclass(frozen=True)
@@ -192,10 +193,18 @@ def parse_marble_config(root: Node, *, base_dir: Path, source: Path) -> MarbleCo
 
 # -- sections -----------------------------------------------------------------------------
 def _coordinator(node: Node, base: Path) -> CoordinatorConfig:
-    m = node.mapping(["address", "root_cert", "activation_timeout", "policy"], required=["address"])
+    m = node.mapping(
+        ["address", "root_cert", "activation_timeout", "policy", "update_poll"],
+        required=["address"],
+    )
     timeout = DEFAULT_ACTIVATION_TIMEOUT
     if _given(m, "activation_timeout"):
         timeout = parse_duration(m["activation_timeout"])
+    poll = 10.0
+    if _given(m, "update_poll"):
+        poll = parse_duration(m["update_poll"])
+        if not 1.0 <= poll <= 3600.0:
+            m["update_poll"].fail("must be between 1s and 1h")
     if _given(m, "root_cert") and _given(m, "policy"):
         m["policy"].fail(
             "give root_cert or policy, not both: a pinned root is trusted as is, a policy "
@@ -206,6 +215,7 @@ def _coordinator(node: Node, base: Path) -> CoordinatorConfig:
         root_cert=_path(m["root_cert"], base) if _given(m, "root_cert") else None,
         activation_timeout=timeout,
         policy=_path(m["policy"], base) if _given(m, "policy") else None,
+        update_poll=poll,
     )
 
 

@@ -389,7 +389,7 @@ def _renewer(
         await connections.drain(0)
 
     return Renewer(lease, renew=renew, current_intermediate=current, apply=apply,
-                   cut_off=cut_off)  # fmt: skip
+                   cut_off=cut_off, poll=cfg.coordinator.update_poll)  # fmt: skip
 
 
 def _set_allow(cfg: MarbleConfig, mesh: MeshView, inbound: Sequence[Inbound]) -> None:
