@@ -7,6 +7,7 @@ server certificate for 127.0.0.1, a client certificate for the coordinators.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -140,9 +141,10 @@ def test_etcd_nonce_claims_are_first_come_and_expire_with_their_lease(tmp_path: 
     from meshproxy.coordinator._etcd import EtcdStore, EtcdTLS
 
     tls = make_etcd_tls(tmp_path / "etcd-tls")
-    with etcd_server(tmp_path, tls=tls) as etcd:
-        store = EtcdStore([etcd.url], tls=EtcdTLS(tls.ca, tls.client_cert, tls.client_key))
-        other = EtcdStore([etcd.url], tls=EtcdTLS(tls.ca, tls.client_cert, tls.client_key))
+    with etcd_server(tmp_path, tls=tls) as etcd, contextlib.ExitStack() as stores:
+        files = EtcdTLS(tls.ca, tls.client_cert, tls.client_key)
+        store = stores.enter_context(contextlib.closing(EtcdStore([etcd.url], tls=files)))
+        other = stores.enter_context(contextlib.closing(EtcdStore([etcd.url], tls=files)))
         now = datetime.now(UTC)
         ids = [bytes([i]) * 16 for i in range(100)]  # more than one transaction's worth
         assert store.claim(ids[:70], now + timedelta(seconds=2), now) == set(ids[:70])
@@ -210,17 +212,18 @@ def test_a_transaction_whose_answer_is_lost_is_not_sent_again(tmp_path: Path) ->
     from meshproxy.coordinator._etcd import EtcdStore
     from meshproxy.errors import StoreError
 
-    with etcd_server(tmp_path) as etcd:
+    with etcd_server(tmp_path) as etcd, contextlib.ExitStack() as stores:
         parts = urlsplit(etcd.url)
         dropper = _AnswerDropper((parts.hostname or "", parts.port or 0))
         try:
             # The relay first, etcd itself second: failing over would send the CAS again.
-            store = EtcdStore([f"http://127.0.0.1:{dropper.port}", etcd.url], timeout=2)
+            relayed = EtcdStore([f"http://127.0.0.1:{dropper.port}", etcd.url], timeout=2)
+            store = stores.enter_context(contextlib.closing(relayed))
             with pytest.raises(StoreError, match="outcome is unknown"):
                 store.save_versioned(b"state one", 0)
             assert dropper.relayed == 1
             # It was applied: etcd holds it, exactly once (revision of one write).
-            direct = EtcdStore([etcd.url])
+            direct = stores.enter_context(contextlib.closing(EtcdStore([etcd.url])))
             blob, revision = direct.load_versioned()
             assert blob == b"state one"
             assert direct.save_versioned(b"state two", revision) > revision
