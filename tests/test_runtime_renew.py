@@ -191,3 +191,32 @@ def test_the_update_poll_is_configured_and_bounded(tmp_path: Path) -> None:
     assert load("30s") == 30.0
     with pytest.raises(ConfigError, match=r"coordinator\.update_poll: must be between 1s and 1h"):
         load("100ms")
+
+
+def test_a_manifest_update_changes_who_may_call_new_connections(tmp_path: Path) -> None:
+    import ssl
+
+    import yaml
+
+    from meshproxy.config import load_marble_config
+    from meshproxy.proxy import ConnectionSet, InboundListener, InboundSpec
+    from meshproxy.runtime._agent import MeshView
+    from meshproxy.runtime._main import _set_allow
+
+    doc = {
+        "coordinator": {"address": "127.0.0.1:2001"}, "marble": {"type": "web"},
+        "attestation": {"provider": "simulation", "enclave": "e.json"}, "workdir": "run",
+        "inbound": [{"name": "open", "listen": "127.0.0.1:0"},
+                    {"name": "narrow", "listen": "127.0.0.1:1", "allow": ["a", "b"]},
+                    {"name": "pub", "listen": "127.0.0.1:2", "clients": "public"}],
+    }  # fmt: skip
+    (tmp_path / "marble.yaml").write_text(yaml.safe_dump(doc))
+    cfg = load_marble_config(tmp_path / "marble.yaml")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    listeners = []
+    for i in cfg.inbound:
+        allow = ("a", "b") if i.clients == "marbles" else ()
+        spec = InboundSpec(i.name, "127.0.0.1", 0, i.clients, allow, "t.test", tmp_path / "s")
+        listeners.append(InboundListener(spec, ctx, ConnectionSet()))
+    _set_allow(cfg, MeshView("t.test", {"web": ("b", "c")}), listeners)
+    assert [li.spec.allow for li in listeners] == [("b", "c"), ("b",), ()]
