@@ -112,7 +112,7 @@ def test_http2_connection_without_streams_closes_at_once_on_drain(
         _drain_of(mesh).begin()
         while not c.closed:
             await asyncio.wait_for(c.pump(), 5)
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 2.0
         assert _goaways(c)[-1] == 1  # (the notice first if the stream was still winding up)
         await c.close()
 
@@ -140,7 +140,7 @@ def test_http1_response_in_progress_says_connection_close_and_idle_ones_close_at
         t0 = time.monotonic()
         _drain_of(mesh, which).begin()
         assert await asyncio.wait_for(idle[0].read(), 2) == b""  # idle: closed at once
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 2.0
         busy[1].write(b"56789")  # the request in progress completes
         await busy[1].drain()
         answer = await _response(busy[0])

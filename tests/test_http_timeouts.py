@@ -78,7 +78,7 @@ def test_half_a_request_head_gets_408_and_a_close_after_the_header_timeout(
 
     with caplog.at_level(logging.INFO):
         run(scenario())
-    assert 0.3 < elapsed[0] < 3.0
+    assert 0.3 < elapsed[0] < 4.0
     assert any("request head incomplete after 0.4 s" in r for r in _close_reasons(caplog))
 
 
@@ -106,7 +106,7 @@ def test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout(
 
     with caplog.at_level(logging.INFO):
         run(scenario())
-    assert 0.4 < elapsed[0] < 3.0
+    assert 0.4 < elapsed[0] < 4.0
     assert any(r == "idle for 0.6 s" for r in _close_reasons(caplog))
 
 
@@ -137,7 +137,7 @@ def test_an_idle_http2_connection_gets_goaway_no_error_and_is_closed(
         t0 = time.monotonic()
         while not c.closed:
             await asyncio.wait_for(c.pump(), 5)
-        assert 0.4 < time.monotonic() - t0 < 3.0
+        assert 0.4 < time.monotonic() - t0 < 4.0
         goaway = [e for e in c.events if isinstance(e, h2.events.ConnectionTerminated)]
         assert [(g.error_code, g.last_stream_id) for g in goaway] == [(NO_ERROR, 1)]
         await c.close()
@@ -169,7 +169,7 @@ def test_an_http2_frame_left_incomplete_ends_the_connection(
         await c.writer.drain()
         t0 = time.monotonic()
         data = await asyncio.wait_for(c.reader.read(), 5)  # everything until EOF
-        assert 0.3 < time.monotonic() - t0 < 3.0
+        assert 0.3 < time.monotonic() - t0 < 4.0
         frames = []
         while len(data) >= 9:
             f, length = hyperframe.frame.Frame.parse_frame_header(memoryview(data[:9]))
