@@ -23,6 +23,7 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from string import Template
 from typing import TYPE_CHECKING
@@ -109,14 +110,13 @@ def _ready(ctx: Context, proc: Proc, address: str, name: str) -> None:
 
 # -- candidates ------------------------------------------------------------------------------
 class H2Server:
-    def __init__(self, name: str, procs: list[Proc], address: str, pids: list[int]) -> None:
+    def __init__(
+        self, name: str, procs: list[Proc], address: str, pids: Callable[[], list[int]]
+    ) -> None:
         self.name = name
         self.procs = procs
         self.address = address
-        self._pids = pids
-
-    def proxy_pids(self) -> list[int]:
-        return self._pids
+        self.proxy_pids = pids  # read at each measurement: nginx forks its workers late
 
 
 def start_nginx_h2(ctx: Context) -> H2Server:
@@ -143,8 +143,7 @@ def start_nginx_h2(ctx: Context) -> H2Server:
     except BaseException:
         ctx.procs.stop(backend)
         raise
-    pids = [proc.pid, *children(proc.pid)]
-    return H2Server("nginx", [proc, backend], listen, pids)
+    return H2Server("nginx", [proc, backend], listen, lambda: [proc.pid, *children(proc.pid)])
 
 
 def start_meshproxy_h2(ctx: Context, runner: Runner, native: str) -> H2Server:
@@ -171,7 +170,7 @@ def start_meshproxy_h2(ctx: Context, runner: Runner, native: str) -> H2Server:
         ctx.procs.stop(proc)
         raise
     _ready(ctx, proc, address, name)
-    return H2Server(name, [proc], address, [proc.pid])
+    return H2Server(name, [proc], address, lambda: [proc.pid])
 
 
 # -- the load --------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ from meshproxy.proxy import (
     OutboundSpec,
     ProxyMetrics,
 )
+from meshproxy.proxy._h2native import ALPN as H2_ALPN
+from meshproxy.proxy._h2native import NativeHttpInboundListener, uses_fast_path
 from meshproxy.proxy.http import InboundHttp, OutboundHttp, RoutePolicy, resolve_routes, with_alpn
 from meshproxy.runtime._activate import activate, quote_provider, write_files
 from meshproxy.runtime._app import Supervisor, app_environment, become_subreaper
@@ -243,7 +245,7 @@ def _listeners(
     engine: NativeEngine | None = None,
 ) -> tuple[
     list[InboundListener | NativeInboundListener], list[OutboundListener | NativeOutboundListener]
-]:
+]:  # NativeHttpInboundListener is a NativeInboundListener
     cfg = plan.config
     mtls = public = None
     inbound: list[InboundListener | NativeInboundListener] = []
@@ -269,6 +271,12 @@ def _listeners(
             app_socket=cfg.inbound_socket(i.name), http=http,
             proxy_protocol=i.proxy_protocol == "v2" and i.protocol == "tcp",
         )  # fmt: skip
+        if engine is not None and uses_fast_path(http):  # h2 -> h2c in C (proxy/_h2native)
+            nctx = native_server_context(
+                plan.identity, client_auth=i.clients == "marbles", alpn=H2_ALPN
+            )
+            inbound.append(NativeHttpInboundListener(spec, nctx, engine, connections, metrics))
+            continue
         if engine is not None and http is None:  # protocol tcp: the C engine relays it
             nctx = native_server_context(plan.identity, client_auth=i.clients == "marbles")
             inbound.append(NativeInboundListener(spec, nctx, engine, connections, metrics))
