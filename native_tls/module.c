@@ -633,6 +633,179 @@ static PyTypeObject EngineType = {
     .tp_getset = Engine_getset,
 };
 
+/* -- H2Relay: the HTTP/2 relay core alone (sans-IO), for tests and fuzzing ----------------- */
+typedef struct {
+    PyObject_HEAD
+    h2r *relay;
+} H2RelayObject;
+
+static PyObject *
+H2Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"policy", NULL};
+    PyObject *spec;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!", kwlist, &PyTuple_Type, &spec)) {
+        return NULL;
+    }
+    h2r_policy *policy = policy_from(spec);
+    if (policy == NULL) {
+        return NULL;
+    }
+    h2r *relay = h2r_new(policy);
+    if (relay == NULL) {
+        return PyErr_NoMemory();
+    }
+    H2RelayObject *self = (H2RelayObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        h2r_free(relay);
+        return NULL;
+    }
+    self->relay = relay;
+    return (PyObject *)self;
+}
+
+static void
+H2Relay_dealloc(H2RelayObject *self)
+{
+    h2r_free(self->relay);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+H2Relay_feed(H2RelayObject *self, PyObject *args, int client)
+{
+    Py_buffer data;
+    unsigned long long now;
+    if (!PyArg_ParseTuple(args, "y*K", &data, &now)) {
+        return NULL;
+    }
+    int rc = client ? h2r_feed_client(self->relay, data.buf, (size_t)data.len, now)
+                    : h2r_feed_app(self->relay, data.buf, (size_t)data.len, now);
+    PyBuffer_Release(&data);
+    return PyBool_FromLong(rc == 0);
+}
+
+static PyObject *
+H2Relay_feed_client(H2RelayObject *self, PyObject *args)
+{
+    return H2Relay_feed(self, args, 1);
+}
+
+static PyObject *
+H2Relay_feed_app(H2RelayObject *self, PyObject *args)
+{
+    return H2Relay_feed(self, args, 0);
+}
+
+static PyObject *
+H2Relay_take(H2RelayObject *self, int app)
+{
+    size_t len;
+    const uint8_t *p = app ? h2r_out_app(self->relay, &len) : h2r_out_client(self->relay, &len);
+    PyObject *out = PyBytes_FromStringAndSize((const char *)p, p ? (Py_ssize_t)len : 0);
+    if (out != NULL && len > 0) {
+        if (app) {
+            h2r_consumed_app(self->relay, len);
+        } else {
+            h2r_consumed_client(self->relay, len);
+        }
+    }
+    return out;
+}
+
+static PyObject *
+H2Relay_take_app(H2RelayObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return H2Relay_take(self, 1);
+}
+
+static PyObject *
+H2Relay_take_client(H2RelayObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return H2Relay_take(self, 0);
+}
+
+static PyObject *
+H2Relay_refusals(H2RelayObject *self, PyObject *Py_UNUSED(ignored))
+{
+    h2r_refusal list[32];
+    size_t n = h2r_take_refusals(self->relay, list, 32);
+    PyObject *out = PyList_New(0);
+    for (size_t i = 0; out != NULL && i < n; i++) {
+        PyObject *item = refusal_object(&list[i]);
+        if (item == NULL || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            Py_CLEAR(out);
+            break;
+        }
+        Py_DECREF(item);
+    }
+    return out;
+}
+
+static PyObject *
+H2Relay_stats(H2RelayObject *self, PyObject *args)
+{
+    unsigned long long now = 0;
+    int finish = 0;
+    if (!PyArg_ParseTuple(args, "|Kp", &now, &finish)) {
+        return NULL;
+    }
+    h2r_stats *st = finish ? h2r_finish(self->relay, now) : h2r_take(self->relay);
+    if (st == NULL) {
+        return PyErr_NoMemory();
+    }
+    PyObject *out = http_stats_object(st);
+    h2r_stats_free(st);
+    return out;
+}
+
+static PyObject *
+H2Relay_get_failed(H2RelayObject *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(h2r_failed(self->relay));
+}
+
+static PyObject *
+H2Relay_get_error(H2RelayObject *self, void *Py_UNUSED(closure))
+{
+    return optional_str(h2r_error(self->relay));
+}
+
+static PyMethodDef H2Relay_methods[] = {
+    {"feed_client", (PyCFunction)H2Relay_feed_client, METH_VARARGS,
+     "feed_client(data, now_ns) -> bool\n\nBytes the client sent; False once the relay failed."},
+    {"feed_app", (PyCFunction)H2Relay_feed_app, METH_VARARGS,
+     "feed_app(data, now_ns) -> bool\n\nBytes the app sent; False once the relay failed."},
+    {"take_app", (PyCFunction)H2Relay_take_app, METH_NOARGS, "Bytes for the app (taken)."},
+    {"take_client", (PyCFunction)H2Relay_take_client, METH_NOARGS,
+     "Bytes for the client (taken)."},
+    {"refusals", (PyCFunction)H2Relay_refusals, METH_NOARGS,
+     "Refused requests since the last call: (stream_id, status, method, path, reason)."},
+    {"stats", (PyCFunction)H2Relay_stats, METH_VARARGS,
+     "stats(now_ns=0, finish=False) -> dict\n\nCounters since the last call; finish: count "
+     "open streams as reset first."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef H2Relay_getset[] = {
+    {"failed", (getter)H2Relay_get_failed, NULL, "The relay failed (GOAWAY queued).", NULL},
+    {"error", (getter)H2Relay_get_error, NULL, "Why it failed, or None.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject H2RelayType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "meshproxy._native_tls.H2Relay",
+    .tp_basicsize = sizeof(H2RelayObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "H2Relay(policy)\n\nThe engine's HTTP/2 relay core without I/O "
+              "(native_tls/h2relay.h): feed bytes, take bytes. For tests.",
+    .tp_new = H2Relay_new,
+    .tp_dealloc = (destructor)H2Relay_dealloc,
+    .tp_methods = H2Relay_methods,
+    .tp_getset = H2Relay_getset,
+};
+
 /* -- module -------------------------------------------------------------------------------- */
 static PyStructSequence_Field event_fields[] = {
     {"conn_id", "the connection"},
@@ -696,7 +869,8 @@ native_tls_exec(PyObject *module)
             return -1;
         }
     }
-    if (PyType_Ready(&ContextType) < 0 || PyType_Ready(&EngineType) < 0) {
+    if (PyType_Ready(&ContextType) < 0 || PyType_Ready(&EngineType) < 0 ||
+        PyType_Ready(&H2RelayType) < 0) {
         return -1;
     }
     if (PyModule_AddIntConstant(module, "ENGINE_API", MESHPROXY_ENGINE_API) < 0 ||
@@ -709,7 +883,8 @@ native_tls_exec(PyObject *module)
         PyModule_AddObjectRef(module, "NativeError", NativeError) < 0 ||
         PyModule_AddObjectRef(module, "Event", (PyObject *)EventType) < 0 ||
         PyModule_AddObjectRef(module, "Context", (PyObject *)&ContextType) < 0 ||
-        PyModule_AddObjectRef(module, "Engine", (PyObject *)&EngineType) < 0) {
+        PyModule_AddObjectRef(module, "Engine", (PyObject *)&EngineType) < 0 ||
+        PyModule_AddObjectRef(module, "H2Relay", (PyObject *)&H2RelayType) < 0) {
         return -1;
     }
     return 0;
