@@ -106,7 +106,7 @@ bytes_consume(bytes_t *b, size_t n)
     b->start += n;
     if (b->start >= b->end) {
         b->start = b->end = 0;
-        if (b->cap > (256u << 10)) { /* a burst made it big: give the memory back */
+        if (b->cap > (16u << 10)) { /* a burst made it big: idle connections hold little */
             free(b->data);
             b->data = NULL;
             b->cap = 0;

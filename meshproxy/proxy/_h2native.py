@@ -47,6 +47,7 @@ log_http = logging.getLogger("meshproxy.proxy.http")
 
 FAST_PATH_ENV = "MESHPROXY_H2_FASTPATH"  # "off": h2 clients take the Python HTTP layer too
 ALPN = ("h2", "http/1.1")
+LINGER = 5.0  # seconds a served HTTP/1.1 client may keep its TLS side open
 
 
 def fast_path_enabled() -> bool:
@@ -207,8 +208,11 @@ class NativeHttpInboundListener(NativeInboundListener):
             settings=settings, peer=peer, peer_der=peer_der, metrics=self._metrics,
             log_fields=fields,
         )  # fmt: skip
-        writer.close()
-        await session.wait_closed()
+        writer.close()  # the engine flushes what is left, then ends the TLS side
+        try:
+            await asyncio.wait_for(session.wait_closed(), LINGER)
+        except TimeoutError:  # a client that never closes its side
+            session.close("closed by the HTTP layer")
 
     async def _fast_path(
         self,
