@@ -906,6 +906,23 @@ arena_keep(h2r *r, const nghttp2_nv *nv)
     return 0;
 }
 
+/* A small decimal number of at most `max` digits, or -1. */
+static int
+digits(const uint8_t *p, size_t n, size_t max)
+{
+    if (n == 0 || n > max) {
+        return -1;
+    }
+    int v = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (p[i] < '0' || p[i] > '9') {
+            return -1;
+        }
+        v = v * 10 + (p[i] - '0');
+    }
+    return v;
+}
+
 /* Decode a block. keep: copy the headers (up to the size limit: *too_large beyond it). */
 static int
 inflate_block(h2r *r, nghttp2_hd_inflater *inf, const uint8_t *in, size_t len, int keep,
@@ -918,7 +935,7 @@ inflate_block(h2r *r, nghttp2_hd_inflater *inf, const uint8_t *in, size_t len, i
         nghttp2_nv nv;
         int fl = 0;
         ssize_t rv = nghttp2_hd_inflate_hd2(inf, &nv, &fl, in, len, 1);
-        if (rv < 0) {
+        if (rv < 0 || (rv == 0 && !(fl & (NGHTTP2_HD_INFLATE_EMIT | NGHTTP2_HD_INFLATE_FINAL)))) {
             return -1;
         }
         in += rv;
@@ -933,18 +950,11 @@ inflate_block(h2r *r, nghttp2_hd_inflater *inf, const uint8_t *in, size_t len, i
                 }
             }
             if (status && nv.namelen == 7 && memcmp(nv.name, ":status", 7) == 0) {
-                int v = 0;
-                for (size_t i = 0; i < nv.valuelen && i < 3; i++) {
-                    v = v * 10 + (nv.value[i] - '0');
-                }
-                *status = (nv.valuelen == 3) ? v : 0;
+                int v = digits(nv.value, nv.valuelen, 3);
+                *status = v >= 100 ? v : 0; /* a metrics label: three digits or nothing */
             }
             if (grpc && nv.namelen == 11 && memcmp(nv.name, "grpc-status", 11) == 0) {
-                int v = 0;
-                for (size_t i = 0; i < nv.valuelen && i < 4; i++) {
-                    v = v * 10 + (nv.value[i] - '0');
-                }
-                *grpc = v;
+                *grpc = digits(nv.value, nv.valuelen, 2); /* 0..16; -1: not a number */
             }
         }
         if (fl & NGHTTP2_HD_INFLATE_FINAL) {
