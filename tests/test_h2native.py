@@ -20,6 +20,7 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import pytest
 import uvloop
@@ -29,7 +30,7 @@ from meshproxy.manifest import RouteRule
 from meshproxy.proxy import ConnectionSet, InboundSpec
 from meshproxy.proxy._h2native import NativeHttpInboundListener
 from meshproxy.proxy._metrics import ProxyMetrics
-from meshproxy.proxy.http import InboundHttp, RoutePolicy
+from meshproxy.proxy.http import HttpLimits, InboundHttp, RoutePolicy
 from meshproxy.tls import (
     NativeEngine,
     TLSIdentity,
@@ -156,7 +157,11 @@ class Client:
 
 
 async def serve(
-    workdir: Path, ids: dict[str, TLSIdentity], metrics: ProxyMetrics, scenario: Any
+    workdir: Path,
+    ids: dict[str, TLSIdentity],
+    metrics: ProxyMetrics,
+    scenario: Any,
+    limits: HttpLimits | None = None,
 ) -> None:
     engine = NativeEngine(threads=2)
     connections = ConnectionSet()
@@ -164,7 +169,7 @@ async def serve(
     routes = RoutePolicy.of(
         manifest=(RouteRule(None, "/api", (), ("frontend",)), RouteRule(None, "/admin", (), ()))
     )
-    http = InboundHttp("h2c", f"spiffe://{DOMAIN}/marble/backend", routes)
+    http = InboundHttp("h2c", f"spiffe://{DOMAIN}/marble/backend", routes, limits or HttpLimits())
     spec = InboundSpec("api", "127.0.0.1", 0, "marbles", ("frontend",), DOMAIN,
                        workdir / "app.sock", http=http)  # fmt: skip
     ctx = native_server_context(ids["backend"], client_auth=True, alpn=("h2", "http/1.1"))
@@ -179,9 +184,11 @@ async def serve(
         await engine.aclose()
 
 
-def run(workdir: Path, ids: dict[str, TLSIdentity], scenario: Any) -> ProxyMetrics:
+def run(
+    workdir: Path, ids: dict[str, TLSIdentity], scenario: Any, limits: HttpLimits | None = None
+) -> ProxyMetrics:
     metrics = ProxyMetrics(tls_backend="native", process=False)
-    uvloop.run(asyncio.wait_for(serve(workdir, ids, metrics, scenario), 60))
+    uvloop.run(asyncio.wait_for(serve(workdir, ids, metrics, scenario, limits), 60))
     return metrics
 
 
@@ -243,3 +250,32 @@ def test_an_http1_client_is_served_through_the_python_layer(
     head, _, body = reply[0].partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
     assert ["l5d-client-id", f"frontend.{DOMAIN}"] in json.loads(body)["headers"]
+
+
+def test_rapid_resets_get_goaway_and_the_connection_ends(
+    workdir: Path, ids: dict[str, TLSIdentity]
+) -> None:
+    events: list[Any] = []
+
+    async def scenario(port: int) -> None:
+        client = await h2_client(port, ids["frontend"])
+        conn = client.conn
+        for _ in range(20):
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, [(":method", "POST"), (":scheme", "https"),
+                                    (":authority", "b"), (":path", "/api/r")])  # fmt: skip
+            conn.reset_stream(sid)
+        client.writer.write(conn.data_to_send())
+        while data := await client.reader.read(65536):
+            events.extend(conn.receive_data(data))
+        client.writer.close()
+
+    limits = HttpLimits(reset_burst=5, reset_rate=0.0)
+    metrics = run(workdir, ids, scenario, limits)
+    goaways = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert [g.error_code for g in goaways] == [h2.errors.ErrorCodes.ENHANCE_YOUR_CALM]
+    text = metrics.render().decode()
+    assert (
+        'meshproxy_http2_goaway_total{direction="inbound",listener="api",reason="rapid_reset"} 1.0'
+        in text
+    )
