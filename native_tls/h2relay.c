@@ -347,6 +347,11 @@ struct h2r {
     uint64_t tokens_at;
     h2r_refusal refusals[REFUSALS_MAX];
     size_t nrefusals;
+    /* HPACK: the client's table size changes, which the next header block it gets must
+     * announce (RFC 7541 4.2): owed from the app's SETTINGS ACK to the app's next block */
+    uint32_t c_table_size, c_table_min;
+    uint8_t c_table_changed, update_owed;
+    uint32_t owed_min, owed_final;
     h2r_stats stats;
     int rules_dirty;
     int failed;
@@ -443,6 +448,7 @@ h2r_new(h2r_policy *policy)
     }
     r->pol = policy;
     r->app_max_frame = DEFAULT_FRAME;
+    r->c_table_size = 4096;
     r->tokens = policy->reset_burst;
     r->stats.goaway_code = UINT32_MAX;
     r->stats.nrules = policy->nrules;
@@ -667,6 +673,13 @@ queue_reply(h2r *r, uint32_t sid, int status, int grpc, int grpc_code, const cha
     char value[H2R_ERROR_MAX];
     printable(value, sizeof value, reason, strlen(reason));
     int rc = 0;
+    if (r->update_owed) { /* ours is the client's first block under its new table size */
+        if (r->owed_min < r->owed_final) {
+            rc |= hp_int(b, 0x20, 5, r->owed_min);
+        }
+        rc |= hp_int(b, 0x20, 5, r->owed_final);
+        r->update_owed = 0;
+    }
     if (grpc) {
         char code[8];
         snprintf(code, sizeof code, "%d", grpc_code);
@@ -1348,6 +1361,12 @@ client_end(h2r *r, uint64_t now)
             uint32_t v = get32(s + i + 2);
             if (id == 1) { /* the app's encoder may now use this much: our mirror too */
                 nghttp2_hd_inflate_change_table_size(r->a_infl, v);
+                if (v != r->c_table_size || r->c_table_changed) {
+                    uint32_t low = r->c_table_changed ? r->c_table_min : r->c_table_size;
+                    r->c_table_min = low < v ? low : v;
+                    r->c_table_size = v;
+                    r->c_table_changed = 1;
+                }
             }
         }
         if (emit_frame(&r->to_app, F_SETTINGS, 0, 0, s, bytes_len(&r->settings)) < 0) {
@@ -1389,6 +1408,7 @@ app_start(h2r *r, uint64_t now)
             return fail(r, E_INTERNAL, "the app's header block is too large");
         }
         r->a_in_block = 1;
+        r->update_owed = 0; /* the app's block announces the size */
         r->ablock_sid = p->sid;
         r->ablock_end_stream = p->type == F_HEADERS && (p->flags & FL_END_STREAM);
         r->ablock_push = p->type == F_PUSH;
@@ -1405,6 +1425,12 @@ app_start(h2r *r, uint64_t now)
         p->mode = M_SNOOP;
         break;
     case F_SETTINGS:
+        if ((p->flags & FL_ACK) && r->c_table_changed) { /* the app took the new size */
+            r->update_owed = 1;
+            r->owed_min = r->c_table_min;
+            r->owed_final = r->c_table_size;
+            r->c_table_changed = 0;
+        }
         if (!(p->flags & FL_ACK)) {
             if (p->len % 6 != 0 || p->len > SETTINGS_MAX || p->sid != 0) {
                 return fail(r, E_INTERNAL, "malformed SETTINGS from the app");

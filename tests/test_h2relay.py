@@ -16,6 +16,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.settings
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -405,3 +406,26 @@ def test_well_framed_nonsense_never_crashes_the_relay(
     out = p.relay.take_client() + p.relay.take_app()
     assert isinstance(out, bytes)
     p.relay.stats(p.now, True)
+
+
+def test_a_reply_of_ours_announces_a_header_table_size_the_client_set() -> None:
+    """RFC 7541 4.2: the first header block after the new size took effect starts with a
+    size update; when that block is a refusal of ours, ours carries it."""
+    p = Pair(policy(ALLOW_API))
+    p.client.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 1024})
+    p.pump()  # the app ACKs: the client's decoder now expects the update
+    p.request(b"/admin/x")
+    [resp] = p.of("client", h2.events.ResponseReceived)
+    assert dict(resp.headers)[b":status"] == b"403"
+    assert p.client.decoder.header_table_size == 1024
+    p.relay.feed_client(frame(1, 5, 7, b"\x82\x87\x84"), p.now)  # GET / : refused again
+    out = p.relay.take_client()
+    assert out[9:10] != b"\x3f"  # announced once only
+
+
+def test_without_a_size_change_a_reply_carries_no_size_update() -> None:
+    p = Pair(policy(ALLOW_API))
+    p.relay.feed_client(frame(1, 5, 1, b"\x82\x87\x84"), p.now)  # GET /: no rule matches
+    out = p.relay.take_client()
+    assert out[3] == 1  # HEADERS
+    assert out[9] & 0xE0 != 0x20
