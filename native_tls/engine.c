@@ -991,10 +991,16 @@ now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
+/* Room to read the side that feeds `toward_app` (the client) or the client's way (the
+ * app). The client's bytes also make replies of ours: a client that sends and never reads
+ * is bounded too. */
 static int
 h2_room(const h2r *r, int toward_app)
 {
-    return (toward_app ? h2r_pending_app(r) : h2r_pending_client(r)) < H2_HIGH;
+    if (toward_app) {
+        return h2r_pending_app(r) < H2_HIGH && h2r_pending_client(r) < 4 * H2_HIGH;
+    }
+    return h2r_pending_client(r) < H2_HIGH;
 }
 
 static int
