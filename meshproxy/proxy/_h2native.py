@@ -40,7 +40,7 @@ from meshproxy.proxy._native import (
 )
 from meshproxy.proxy._relay import UnixStream
 from meshproxy.proxy.http import InboundHttp, identity_headers, serve_inbound_http
-from meshproxy.tls import NativeSession
+from meshproxy.tls import NativeEngine, NativeSession
 
 log_in = logging.getLogger("meshproxy.proxy.inbound")
 log_http = logging.getLogger("meshproxy.proxy.http")
@@ -57,11 +57,16 @@ def fast_path_enabled() -> bool:
     return value == "on"
 
 
-def uses_fast_path(http: InboundHttp | None) -> bool:
-    """Whether an inbound listener is served here: ``protocol: http`` to an h2c app."""
+def uses_fast_path(http: InboundHttp | None, engine: NativeEngine) -> bool:
+    """Whether an inbound listener is served here: ``protocol: http`` to an h2c app, with
+    an engine built with the HTTP/2 relay."""
     return (
-        http is not None and http.mode == "http" and http.app_protocol == "h2c"
-    ) and fast_path_enabled()
+        http is not None
+        and http.mode == "http"
+        and http.app_protocol == "h2c"
+        and getattr(engine.module, "H2_RELAY", 0) >= 1
+        and fast_path_enabled()
+    )
 
 
 # -- the policy of one connection ------------------------------------------------------------

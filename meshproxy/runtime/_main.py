@@ -271,7 +271,7 @@ def _listeners(
             app_socket=cfg.inbound_socket(i.name), http=http,
             proxy_protocol=i.proxy_protocol == "v2" and i.protocol == "tcp",
         )  # fmt: skip
-        if engine is not None and uses_fast_path(http):  # h2 -> h2c in C (proxy/_h2native)
+        if engine is not None and uses_fast_path(http, engine):  # h2 -> h2c in C (proxy/_h2native)
             nctx = native_server_context(
                 plan.identity, client_auth=i.clients == "marbles", alpn=H2_ALPN
             )
