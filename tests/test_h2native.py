@@ -162,10 +162,14 @@ async def serve(
     metrics: ProxyMetrics,
     scenario: Any,
     limits: HttpLimits | None = None,
+    app_up: bool = True,
 ) -> None:
     engine = NativeEngine(threads=2)
     connections = ConnectionSet()
     app = await asyncio.start_unix_server(h2c_app, path=str(workdir / "app.sock"))
+    if not app_up:
+        app.close()
+        (workdir / "app.sock").unlink()
     routes = RoutePolicy.of(
         manifest=(RouteRule(None, "/api", (), ("frontend",)), RouteRule(None, "/admin", (), ()))
     )
@@ -185,10 +189,14 @@ async def serve(
 
 
 def run(
-    workdir: Path, ids: dict[str, TLSIdentity], scenario: Any, limits: HttpLimits | None = None
+    workdir: Path,
+    ids: dict[str, TLSIdentity],
+    scenario: Any,
+    limits: HttpLimits | None = None,
+    app_up: bool = True,
 ) -> ProxyMetrics:
     metrics = ProxyMetrics(tls_backend="native", process=False)
-    uvloop.run(asyncio.wait_for(serve(workdir, ids, metrics, scenario, limits), 60))
+    uvloop.run(asyncio.wait_for(serve(workdir, ids, metrics, scenario, limits, app_up), 60))
     return metrics
 
 
@@ -279,3 +287,17 @@ def test_rapid_resets_get_goaway_and_the_connection_ends(
         'meshproxy_http2_goaway_total{direction="inbound",listener="api",reason="rapid_reset"} 1.0'
         in text
     )
+
+
+def test_while_the_app_is_down_each_request_gets_503_as_on_the_python_path(
+    workdir: Path, ids: dict[str, TLSIdentity]
+) -> None:
+    seen: list[Any] = []
+
+    async def scenario(port: int) -> None:
+        client = await h2_client(port, ids["frontend"])
+        seen.extend(await client.call([("/api/a", [], b""), ("/api/b", [], b"")]))
+        client.writer.close()
+
+    run(workdir, ids, scenario, app_up=False)
+    assert [r["head"][":status"] for r in seen] == ["503", "503"]

@@ -10,9 +10,10 @@ handshake and the identity check:
   and apply the route rules compiled here for this caller (``RoutePolicy``). Refusals come
   back as events (one ``http.refused`` log line each) and the request counters with the
   connection's end, so ``/metrics`` and the logs read as on the Python path;
-* any other client (HTTP/1.1, no ALPN) is relayed by the engine to one end of a
-  socketpair whose other end the Python HTTP layer serves (``serve_inbound_http``), so it
-  behaves exactly as on the Python path.
+* any other client (HTTP/1.1, no ALPN), or any client while the app is not listening, is
+  relayed by the engine to one end of a socketpair whose other end the Python HTTP layer
+  serves (``serve_inbound_http``), so it behaves exactly as on the Python path (there:
+  503 / UNAVAILABLE per request).
 
 ``MESHPROXY_H2_FASTPATH=off`` sends h2 clients through the Python HTTP layer too.
 """
@@ -229,19 +230,19 @@ class NativeHttpInboundListener(NativeInboundListener):
     ) -> None:
         spec = self.spec
         peer_id = peer.spiffe_id if peer is not None else ""
-        counted = _count(self._metrics, "inbound", spec.name, peer)
         try:
             app = await _connect_unix(spec.app_socket)
         except OSError as exc:
+            # As the Python path does: each request gets 503 / UNAVAILABLE, and the app is
+            # tried again per request (it may be restarting).
             log_in.warning(
                 "app is not listening",
                 extra={"event": "inbound.app_unavailable", "socket": str(spec.app_socket),
                        "reason": exc.strerror or str(exc), **fields},
             )  # fmt: skip
-            session.close("app is not listening")
-            if counted is not None:
-                counted.closed(0, 0, ok=False)
+            await self._python_path(session, settings, peer, peer_der, fields)
             return
+        counted = _count(self._metrics, "inbound", spec.name, peer)
         try:
             policy = compile_policy(settings, peer, peer_der)
         except BaseException:
