@@ -351,6 +351,7 @@ struct h2r {
      * announce (RFC 7541 4.2): owed from the app's SETTINGS ACK to the app's next block */
     uint32_t c_table_size, c_table_min;
     uint8_t c_table_changed, update_owed;
+    uint8_t app_started; /* the app's first SETTINGS went to the client */
     uint32_t owed_min, owed_final;
     h2r_stats stats;
     int rules_dirty;
@@ -411,6 +412,9 @@ fail(h2r *r, uint32_t code, const char *why)
         uint8_t g[8];
         put32(g, r->last_sid);
         put32(g + 4, code);
+        if (!r->app_started) { /* a server speaks SETTINGS first, even to say goodbye */
+            emit_frame(&r->to_client, F_SETTINGS, 0, 0, NULL, 0);
+        }
         bytes_add(&r->to_client, r->pending.data + r->pending.start, bytes_len(&r->pending));
         emit_frame(&r->to_client, F_GOAWAY, 0, 0, g, sizeof g);
         bytes_consume(&r->pending, bytes_len(&r->pending));
@@ -428,7 +432,8 @@ oom(h2r *r)
 static int
 flush_pending(h2r *r)
 {
-    if (bytes_len(&r->pending) == 0 || r->ap.hlen != 0 || r->a_in_block) {
+    /* never before the app's SETTINGS: a server's first frame (RFC 9113 3.4) */
+    if (bytes_len(&r->pending) == 0 || r->ap.hlen != 0 || r->a_in_block || !r->app_started) {
         return 0;
     }
     if (bytes_add(&r->to_client, r->pending.data + r->pending.start, bytes_len(&r->pending)) < 0) {
@@ -1529,6 +1534,7 @@ app_end(h2r *r, uint64_t now)
         }
     } else if (p->mode == M_SETTINGS) {
         rc = app_settings(r);
+        r->app_started = 1;
     }
     if (rc == 0) {
         rc = flush_pending(r);

@@ -429,3 +429,35 @@ def test_without_a_size_change_a_reply_carries_no_size_update() -> None:
     out = p.relay.take_client()
     assert out[3] == 1  # HEADERS
     assert out[9] & 0xE0 != 0x20
+
+
+def test_nothing_of_ours_reaches_the_client_before_the_apps_settings() -> None:
+    """RFC 9113 3.4: a server's first frame is SETTINGS. A request refused in the client's
+    first flight is answered only after the app's SETTINGS went through."""
+    relay = H2Relay(policy(ALLOW_API))
+    client = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    client.initiate_connection()
+    head = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"a"),
+            (b":path", b"/admin/x")]  # fmt: skip
+    client.send_headers(1, head, end_stream=True)
+    relay.feed_client(client.data_to_send(), 0)
+    assert relay.take_client() == b""
+    app = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    app.initiate_connection()
+    relay.feed_app(app.data_to_send(), 0)
+    out = relay.take_client()
+    assert out[3] == 4  # SETTINGS first
+    events = client.receive_data(out)
+    [resp] = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+    assert dict(resp.headers)[b":status"] == b"403"
+
+
+def test_a_failure_before_the_apps_settings_still_starts_with_settings() -> None:
+    relay = H2Relay(policy())
+    relay.feed_client(PREFACE, 0)
+    assert not relay.feed_client(frame(9, 4, 1, b"\x82"), 0)
+    out = relay.take_client()
+    assert out[3] == 4  # SETTINGS
+    assert out[9 + 3] == 7  # then GOAWAY
