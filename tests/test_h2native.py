@@ -163,6 +163,7 @@ async def serve(
     scenario: Any,
     limits: HttpLimits | None = None,
     app_up: bool = True,
+    clients: str = "marbles",
 ) -> None:
     engine = NativeEngine(threads=2)
     connections = ConnectionSet()
@@ -174,9 +175,10 @@ async def serve(
         manifest=(RouteRule(None, "/api", (), ("frontend",)), RouteRule(None, "/admin", (), ()))
     )
     http = InboundHttp("h2c", f"spiffe://{DOMAIN}/marble/backend", routes, limits or HttpLimits())
-    spec = InboundSpec("api", "127.0.0.1", 0, "marbles", ("frontend",), DOMAIN,
+    spec = InboundSpec("api", "127.0.0.1", 0, clients, ("frontend",), DOMAIN,
                        workdir / "app.sock", http=http)  # fmt: skip
-    ctx = native_server_context(ids["backend"], client_auth=True, alpn=("h2", "http/1.1"))
+    auth = clients == "marbles"
+    ctx = native_server_context(ids["backend"], client_auth=auth, alpn=("h2", "http/1.1"))
     listener = NativeHttpInboundListener(spec, ctx, engine, connections, metrics)
     _, port = await listener.start()
     try:
@@ -194,9 +196,11 @@ def run(
     scenario: Any,
     limits: HttpLimits | None = None,
     app_up: bool = True,
+    clients: str = "marbles",
 ) -> ProxyMetrics:
     metrics = ProxyMetrics(tls_backend="native", process=False)
-    uvloop.run(asyncio.wait_for(serve(workdir, ids, metrics, scenario, limits, app_up), 60))
+    main = serve(workdir, ids, metrics, scenario, limits, app_up, clients)
+    uvloop.run(asyncio.wait_for(main, 60))
     return metrics
 
 
@@ -301,3 +305,23 @@ def test_while_the_app_is_down_each_request_gets_503_as_on_the_python_path(
 
     run(workdir, ids, scenario, app_up=False)
     assert [r["head"][":status"] for r in seen] == ["503", "503"]
+
+
+def test_h2load_a_strict_client_accepts_refusals_from_its_first_flight_on(
+    workdir: Path, ids: dict[str, TLSIdentity]
+) -> None:
+    """nghttp2 (h2load) checks that a server's first frame is SETTINGS and every frame
+    after; an anonymous client of a listener with route rules is refused every request."""
+    out: list[str] = []
+
+    async def scenario(port: int) -> None:
+        res = await asyncio.create_subprocess_exec(
+            "h2load", "-n", "40", "-c", "2", "-m", "5", f"https://127.0.0.1:{port}/api/x",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        stdout, _ = await res.communicate()
+        out.append(stdout.decode())
+
+    run(workdir, ids, scenario, clients="public")
+    assert "requests: 40 total, 40 started, 40 done, 0 succeeded, 40 failed, 0 errored" in out[0]
+    assert "status codes: 0 2xx, 0 3xx, 40 4xx, 0 5xx" in out[0], out[0]
