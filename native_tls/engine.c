@@ -98,6 +98,8 @@ typedef struct conn {
     mp_event *final; /* preallocated by the caller: the last event can always be posted */
     h2r *h2;         /* HTTP/2 relay mode (h2relay.c), or NULL: bytes as they are */
     uint64_t h2_posted; /* when its counters were last posted (ns) */
+    struct conn *h2_prev, *h2_next; /* on the worker's list of counters waiting to go */
+    unsigned h2_waiting : 1;
 } conn_t;
 
 typedef struct worker {
@@ -113,6 +115,8 @@ typedef struct worker {
     conn_t **table;
     size_t table_cap, count;
     conn_t *ready, *dead;
+    conn_t *h2_waiting;  /* HTTP/2 relays whose counters wait for their next slot */
+    uint64_t h2_due;     /* the earliest slot of those (ns); 0: none */
     char *pool[POOL_BUFFERS];
     int pooled;
     /* written by this worker only, read by anyone */
@@ -136,6 +140,9 @@ static BIO_METHOD *tio_method;
 static void pump(conn_t *c);
 static void conn_end(conn_t *c, const char *reason);
 static int h2_room(const h2r *r, int toward_app);
+static void h2_unwait(conn_t *c);
+static void h2_post_due(worker_t *w);
+static int h2_timeout_ms(const worker_t *w);
 static uint64_t now_ns(void);
 
 #define ADD(counter, n) atomic_fetch_add_explicit(&(counter), (n), memory_order_relaxed)
@@ -697,6 +704,7 @@ conn_end(conn_t *c, const char *reason)
     ev->tls_to_app = c->tls_to_app;
     ev->app_to_tls = c->app_to_tls;
     if (c->h2 != NULL) {
+        h2_unwait(c);
         ev->http = h2r_finish(c->h2, now_ns());
     }
     post(w->eng, ev);
@@ -1167,20 +1175,32 @@ h2_post_refusals(conn_t *c)
     }
 }
 
-/* Counters reach /metrics while the connection lives: when it goes idle (no stream open),
- * else at most every H2_STATS_NS. */
-#define H2_STATS_NS 50000000u
+/* Counters reach /metrics while the connection lives, at most once per H2_STATS_NS per
+ * connection (Python's work per event is far more than per request): at once if the
+ * last post is that old, else in the connection's next slot (the worker's epoll timeout). */
+#define H2_STATS_NS 1000000000u
 
 static void
-h2_post_stats(conn_t *c)
+h2_unwait(conn_t *c)
 {
-    if (!h2r_dirty(c->h2)) {
+    if (!c->h2_waiting) {
         return;
     }
-    uint64_t now = now_ns();
-    if (h2r_open_streams(c->h2) > 0 && now - c->h2_posted < H2_STATS_NS) {
-        return;
+    if (c->h2_prev) {
+        c->h2_prev->h2_next = c->h2_next;
+    } else {
+        c->w->h2_waiting = c->h2_next;
     }
+    if (c->h2_next) {
+        c->h2_next->h2_prev = c->h2_prev;
+    }
+    c->h2_prev = c->h2_next = NULL;
+    c->h2_waiting = 0;
+}
+
+static void
+h2_post_now(conn_t *c, uint64_t now)
+{
     mp_event *ev = calloc(1, sizeof *ev);
     if (ev == NULL) {
         return; /* later, or with the final event */
@@ -1194,6 +1214,68 @@ h2_post_stats(conn_t *c)
     ev->kind = MP_EV_HTTP_STATS;
     c->h2_posted = now;
     post(c->w->eng, ev);
+}
+
+static void
+h2_post_stats(conn_t *c)
+{
+    if (!h2r_dirty(c->h2) || c->h2_waiting) {
+        return;
+    }
+    uint64_t now = now_ns();
+    if (now - c->h2_posted >= H2_STATS_NS) {
+        h2_post_now(c, now);
+        return;
+    }
+    worker_t *w = c->w;
+    c->h2_waiting = 1;
+    c->h2_prev = NULL;
+    c->h2_next = w->h2_waiting;
+    if (w->h2_waiting) {
+        w->h2_waiting->h2_prev = c;
+    }
+    w->h2_waiting = c;
+    uint64_t due = c->h2_posted + H2_STATS_NS;
+    if (w->h2_due == 0 || due < w->h2_due) {
+        w->h2_due = due;
+    }
+}
+
+/* The slots that came: post those counters. */
+static void
+h2_post_due(worker_t *w)
+{
+    if (w->h2_due == 0) {
+        return;
+    }
+    uint64_t now = now_ns();
+    if (now < w->h2_due) {
+        return;
+    }
+    w->h2_due = 0;
+    for (conn_t *c = w->h2_waiting, *next; c; c = next) {
+        next = c->h2_next;
+        uint64_t due = c->h2_posted + H2_STATS_NS;
+        if (due <= now) {
+            h2_unwait(c);
+            if (h2r_dirty(c->h2)) {
+                h2_post_now(c, now);
+            }
+        } else if (w->h2_due == 0 || due < w->h2_due) {
+            w->h2_due = due;
+        }
+    }
+}
+
+/* epoll_wait's timeout: until the next slot, or -1 */
+static int
+h2_timeout_ms(const worker_t *w)
+{
+    if (w->h2_due == 0) {
+        return -1;
+    }
+    uint64_t now = now_ns();
+    return w->h2_due <= now ? 0 : (int)((w->h2_due - now) / 1000000u) + 1;
 }
 
 static int
@@ -1407,7 +1489,7 @@ worker_main(void *arg)
     snprintf(name, sizeof name, "meshproxy-tls%u", (unsigned)(w - w->eng->workers) % 100u);
     pthread_setname_np(pthread_self(), name); /* visible in top -H and /proc */
     while (!stopping) {
-        int n = epoll_wait(w->epfd, evs, EPOLL_BATCH, w->ready ? 0 : -1);
+        int n = epoll_wait(w->epfd, evs, EPOLL_BATCH, w->ready ? 0 : h2_timeout_ms(w));
         if (n < 0) {
             if (errno == EINTR) {
                 continue;
@@ -1423,6 +1505,7 @@ worker_main(void *arg)
             }
         }
         run_ready(w);
+        h2_post_due(w);
         reap(w);
     }
     worker_stop(w);
