@@ -25,8 +25,8 @@
 
 #include "h2relay.h"
 
-enum { MP_EV_HANDSHAKE = 1, MP_EV_HANDSHAKE_FAILED = 2, MP_EV_CLOSED = 3, MP_EV_HTTP_REFUSED = 4,
-       MP_EV_HTTP_STATS = 5 };
+enum { MP_EV_HANDSHAKE = 1, MP_EV_HANDSHAKE_FAILED = 2, MP_EV_CLOSED = 3, MP_EV_HTTP_REFUSED = 5,
+       MP_EV_HTTP_STATS = 6 }; /* 4: kept free (engine-perf uses it for ACCEPTED) */
 
 #define MP_REASON_MAX 200
 #define MP_SNI_MAX 256
