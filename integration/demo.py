@@ -92,7 +92,7 @@ def main() -> int:
             )
             show(f"frontend ready: public TLS on {frontend.info['inbound']['web']}")
 
-            step("A client verifies the whole cluster with one attestation")
+            step("A client verifies the cluster with one attestation, pinned by a policy")
             root = base / "client" / "root.pem"
             res = c.cli(
                 "manifest",
@@ -101,6 +101,8 @@ def main() -> int:
                 "--coordinator",
                 c.client_addr,
                 "--accept-simulation",
+                "--policy",
+                str(conf / "coordinator-policy.yaml"),
                 "-o",
                 str(root),
             )

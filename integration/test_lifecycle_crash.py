@@ -13,7 +13,7 @@ from pathlib import Path
 from cryptography import x509
 
 from integration.harness import Cluster
-from integration.test_lifecycle_env import make_user, package, write_manifest
+from integration.test_lifecycle_env import Marble, make_user, package, write_manifest
 from meshproxy.coordinator import _wire as wire
 from meshproxy.coordinator import client
 from meshproxy.errors import MeshError
@@ -87,3 +87,65 @@ def test_sigkill_during_state_writes_never_leaves_a_broken_state(tmp_path: Path)
     assert kill == KILLS
     assert acked > KILLS  # writes really happened between the kills
     print(f"{KILLS} kills, {in_flight_kills} with a write in flight, {acked} writes acknowledged")
+
+
+GROUP_KILLS = 6
+GROUP_MAX = 400
+
+
+def test_sigkill_during_group_commits_never_loses_or_double_counts_an_activation(
+    tmp_path: Path,
+) -> None:
+    """Eight marbles activate at once (their counted activations share group commits);
+    the coordinator is killed between and during commits. After every restart the count
+    is at least the answered activations and at most those plus the ones in flight."""
+    doc = {
+        "Packages": {"app": package()},
+        "Marbles": {"web": {"Package": "app", "MaxActivations": GROUP_MAX}},
+    }
+    rng = random.Random(20261127)
+    answered: list[str] = []
+    lost: list[str] = []  # activations whose answer the kill cut off
+    lock = threading.Lock()
+    platform_dir = tmp_path / "sim-platform"
+    with Cluster(tmp_path) as c:
+        c.start_coordinator()
+        path = write_manifest(tmp_path / "m.json", doc)
+        c.cli("manifest", "set", str(path), "--coordinator", c.client_addr, "--accept-simulation")
+        root = client.fetch_evidence(
+            c.client_addr, accept_simulation=True, platform_dir=platform_dir
+        ).root
+        for kill in range(GROUP_KILLS + 1):
+            proc = c.start_coordinator(name=f"coordinator-{kill}") if kill else c.procs[0]
+            status = client.Connection(c.client_addr, root).request("GET", "/api/v2/status")
+            counted = status["activations"].get("web", 0)
+            assert len(answered) <= counted <= len(answered) + len(lost), (kill, counted)
+            if kill == GROUP_KILLS:
+                break
+            stop = threading.Event()
+            mesh = c.mesh_addr
+
+            def marble(stop: threading.Event = stop, mesh: str = mesh) -> None:
+                while not stop.is_set():
+                    m = Marble(platform_dir, "web")
+                    try:
+                        m.activate(mesh, root)
+                    except MeshError:
+                        with lock:
+                            lost.append(str(m.instance))
+                        return
+                    with lock:
+                        answered.append(str(m.instance))
+
+            threads = [threading.Thread(target=marble) for _ in range(8)]
+            for t in threads:
+                t.start()
+            time.sleep(rng.uniform(0.2, 0.6))
+            proc.popen.send_signal(signal.SIGKILL)
+            proc.popen.wait(10)
+            stop.set()
+            for t in threads:
+                t.join(15)
+        assert len(set(answered)) == len(answered)
+        assert len(answered) > 2 * GROUP_KILLS  # activations really happened between kills
+    print(f"{GROUP_KILLS} kills, {len(answered)} answered, {len(lost)} cut off")

@@ -183,14 +183,20 @@ REFUSALS = [
     (
         "attestation.provider",
         "gramine",
-        "attestation.provider",
-        "attestation provider gramine is not available yet",
+        "attestation.enclave",
+        "the signed enclave description is for provider simulation; under gramine",
     ),
     (
         "attestation.provider",
-        "occlum",
+        "sgx",
         "attestation.provider",
-        "attestation provider occlum is not available yet",
+        "must be one of simulation, gramine, occlum; got 'sgx'",
+    ),
+    (
+        "attestation.device_dir",
+        "fake-dev",
+        "attestation.device_dir",
+        "device_dir is only for the gramine and occlum providers",
     ),
     ("attestation.enclave", _DELETE, "attestation", "missing required key 'enclave'"),
     (

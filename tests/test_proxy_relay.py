@@ -38,6 +38,7 @@ from meshproxy.proxy import (
     InboundSpec,
     OutboundListener,
     OutboundSpec,
+    connect_unix,
 )
 from meshproxy.proxy._native import NativeInboundListener, NativeOutboundListener
 from meshproxy.tls import (
@@ -464,6 +465,62 @@ def test_inbound_closes_tls_when_the_app_is_not_listening(
     line = events.named("inbound.app_unavailable")[0]
     assert line["socket"].endswith("inbound-api.sock")
     assert line["peer"] == f"spiffe://{DOMAIN}/marble/frontend"
+
+
+def test_a_burst_beyond_the_apps_accept_backlog_waits_instead_of_failing(
+    ca: Pki, workdir: Path, backend: Backend, events: Events
+) -> None:
+    """The app listens with backlog 1 and accepts one connection per 2 ms; 200 clients
+    at once. On AF_UNIX a full backlog makes connect() fail with EAGAIN: the proxy must
+    wait for room like a blocking connect, not report "app is not listening"."""
+    n = 200
+
+    async def slow_app(app_socket: Path) -> None:
+        loop = asyncio.get_running_loop()
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(str(app_socket))
+        srv.listen(1)
+        srv.setblocking(False)
+        try:
+            while True:
+                conn, _ = await loop.sock_accept(srv)
+                reader, writer = await asyncio.open_unix_connection(sock=conn)
+                keep_task(asyncio.ensure_future(echo(reader, writer)))
+                await asyncio.sleep(0.002)
+        finally:
+            srv.close()
+
+    tasks: list[asyncio.Future[None]] = []
+
+    def keep_task(task: asyncio.Future[None]) -> None:
+        tasks.append(task)
+
+    async def one(mesh: Mesh, i: int) -> bytes:
+        # the outbound socket's own backlog is 128: the client waits for room too
+        sock = await connect_unix(mesh.outbound_socket, timeout=20)
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        writer.write(b"burst %d" % i)
+        writer.write_eof()
+        data = await reader.read()
+        writer.close()
+        return data
+
+    async def scenario() -> None:
+        mesh = await start_mesh(ca, workdir, backend, app=None)
+        app = asyncio.ensure_future(slow_app(mesh.app_socket))
+        await eventually(mesh.app_socket.exists, "the app's socket")
+        try:
+            got = await asyncio.gather(*(one(mesh, i) for i in range(n)))
+            assert got == [b"burst %d" % i for i in range(n)]
+            await eventually(lambda: len(events.named("inbound.close")) == n, "close lines")
+        finally:
+            app.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(app, *tasks, return_exceptions=True)
+
+    run(scenario())
+    assert events.named("inbound.app_unavailable") == []
 
 
 def test_outbound_sends_client_hello_at_once_with_sni_and_no_alpn(

@@ -1,77 +1,103 @@
-"""Coordinator scenario: activations per second, activation latency, marble start-to-ready.
+"""Coordinator scenario: activations per second (wall and per coordinator CPU-second),
+activation latency under load, marble start-to-ready.
 
-    .venv/bin/python -m integration.bench.coordinator_bench [--activations 400]
-        [--concurrency 8] [--ready-samples 3] [--json results-coordinator.json]
+    .venv/bin/python -m integration.bench.coordinator_bench [--activations 1500]
+        [--concurrency 16] [--rate 250] [--ready-samples 5] [--only plain|counted|secrets ...]
+        [--json results-coordinator.json]
 
-A simulated coordinator (pinned to CPU 1 when there are two or more CPUs) gets a manifest
-with two marble types: ``counted`` (MaxActivations, so every activation is a sealed,
-fsynced commit before the answer) and ``free`` (unlimited, two certificate secrets issued
-per activation). Load processes on CPU 0 activate like ``meshproxy run`` does (fresh key,
-nonce, simulated quote bound to both, CSR; the root is pinned, as after ``manifest
-verify``), each one at a time, ``--concurrency`` of them at once. Start-to-ready is the
-wall time from spawning ``meshproxy run`` (measure, attest, activate, write files, start
-listeners and the app) to its ``ready.json``. Prints a table and writes JSON.
+A simulated coordinator runs pinned to CPU 1 (every thread of it) and gets a manifest with
+three marble types: ``plain`` (no secrets, unlimited), ``counted`` (MaxActivations, so
+every activation is a sealed, fsynced commit before its answer) and ``secrets`` (two
+certificate secrets issued per activation). The load generator runs pinned to CPU 0: one
+uvloop event loop with ``--concurrency`` simulated marbles activating at once, each
+activation with its own key, CSR, quote and TLS connection, doing on the wire what
+``meshproxy run`` does (``client.activate``): a TLS connection pinned to the root, ``POST
+marble/nonce``, a simulated quote binding the key and that nonce, ``POST marble/activate``
+on the same connection. Keys, CSRs and UUIDs are made before the clock starts (they do
+not depend on the nonce); the quote is made per activation, inside the measurement. The
+client does not re-verify the chain it gets (that is the marble's cost, not the
+coordinator's).
+
+Figures per scenario: activations per wall second; per coordinator CPU-second (utime +
+stime of the coordinator process from /proc, all threads); the coordinator's CPU use
+(1.0 = one core busy) and what other processes took of that CPU meanwhile ("others":
+if high, wall figures mean little, per-CPU-second ones still hold); the load generator's
+CPU milliseconds per activation (if that times the rate nears 1.0, the load generator is
+the bottleneck, and the table says so);
+p50/p99 latency from connect to the parsed answer. The scenarios run closed-loop (each
+marble starts its next activation when one is answered: saturation); then ``--rate``
+starts plain activations at a fixed rate whatever the answers do (latency under a steady
+load below saturation). Start-to-ready is the wall time from
+spawning ``meshproxy run`` (measure, attest, activate, write files, start listeners and
+the app) to its ``ready.json``. Numbers on a shared machine are noisy.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import hashlib
 import json
-import multiprocessing
 import os
+import ssl
 import statistics
 import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from integration.harness import Cluster
-from meshproxy.attestation import SimulationPlatform, SimulationProvider
+from meshproxy.attestation import EnclaveIdentity, SimulationPlatform, SimulationProvider
+from meshproxy.coordinator import _wire as wire
 from meshproxy.coordinator import client
-from meshproxy.pki import generate_key
+from meshproxy.coordinator._core import report_data_for
+from meshproxy.pki import cert_to_pem, generate_key, make_csr, public_der
+
+SCENARIOS = {
+    "plain": "activation, no secrets",
+    "counted": "activation, MaxActivations commit",
+    "secrets": "activation, 2 cert secrets",
+}
+COORDINATOR_CPU, LOAD_CPU = 1, 0
 
 
-def _pin(cpu: int) -> None:
-    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
-        os.sched_setaffinity(0, {cpu})
+def _two_cpus() -> bool:
+    return hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1
 
 
-def _worker(args: tuple[str, bytes, str, str, int, str, int]) -> list[float]:
-    mesh, root_pem, platform_dir, identity_json, count, marble_type, cpu = args
-    _pin(cpu)
-    from meshproxy.attestation import EnclaveIdentity
+def pin_process(pid: int, cpu: int) -> None:
+    """Pin every thread of ``pid`` (threads made later inherit the mask)."""
+    if not _two_cpus():
+        return
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), {cpu})
+        except (ProcessLookupError, PermissionError):
+            continue
 
-    doc = json.loads(identity_json)
-    ident = EnclaveIdentity(
-        unique_id=bytes.fromhex(doc["unique_id"]),
-        signer_id=bytes.fromhex(doc["signer_id"]),
-        product_id=int(doc["product_id"]),
-        security_version=int(doc["security_version"]),
-        debug=bool(doc["debug"]),
-    )
-    platform = SimulationPlatform.load(Path(platform_dir))
-    provider = SimulationProvider(platform, ident)
-    root = x509.load_pem_x509_certificate(root_pem)
-    latencies = []
-    for _ in range(count):
-        start = time.perf_counter()
-        client.activate(
-            mesh,
-            marble_type=marble_type,
-            instance=uuid.uuid4(),
-            key=generate_key(),
-            dns_names=["bench.test"],
-            provider=provider,
-            root=root,
-            accept_simulation=True,
-            platform_dir=None,
-        )
-        latencies.append(time.perf_counter() - start)
-    return latencies
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, all its threads, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_busy_seconds(cpu: int) -> float:
+    """Time CPU ``cpu`` was not idle (all processes, and time stolen by the hypervisor)."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        fields = line.split()
+        if fields[0] == f"cpu{cpu}":
+            ticks = [int(x) for x in fields[1:9]]  # user nice system idle iowait irq softirq steal
+            return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    return 0.0
 
 
 def _percentile(values: list[float], p: float) -> float:
@@ -79,20 +105,199 @@ def _percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def run(activations: int, concurrency: int, ready_samples: int) -> dict[str, Any]:
-    import hashlib
+# -- the load generator ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class PreparedMarble:
+    public_der: bytes
+    body: dict[str, str]  # the activation request without nonce and quote
 
+
+@dataclass
+class Load:
+    host: str
+    port: int
+    ctx: ssl.SSLContext
+    provider: SimulationProvider
+    marbles: list[PreparedMarble]
+    latencies: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def prepare(marble_type: str, n: int) -> list[PreparedMarble]:
+    out = []
+    for _ in range(n):
+        key = generate_key()
+        csr = make_csr(key, marble_type, ["bench.test"])
+        body = {
+            "marbleType": marble_type,
+            "uuid": str(uuid.uuid4()),
+            "csr": csr.public_bytes(Encoding.PEM).decode(),
+        }
+        out.append(PreparedMarble(public_der(key), body))
+    return out
+
+
+async def _post(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, body: dict[str, Any]
+) -> Any:
+    payload = json.dumps(body).encode()
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: coordinator\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    doc = json.loads(await reader.readexactly(length))
+    if status != 200 or doc.get("status") != "success":
+        raise RuntimeError(f"{path}: HTTP {status}: {doc.get('message')}")
+    return doc["data"]
+
+
+async def _activate_one(load: Load, marble: PreparedMarble) -> None:
+    start = time.perf_counter()
+    reader, writer = await asyncio.open_connection(
+        load.host, load.port, ssl=load.ctx, server_hostname="coordinator"
+    )
+    try:
+        data = await _post(reader, writer, wire.MESH_PATHS["nonce"], {})
+        nonce = wire.b64d(data["nonce"], "nonce")
+        quote = load.provider.get_quote(report_data_for(marble.public_der, nonce))
+        body = {**marble.body, "quote": wire.b64e(quote), "nonce": wire.b64e(nonce)}
+        answer = await _post(reader, writer, wire.MESH_PATHS["activate"], body)
+        if "certificate" not in answer:
+            raise RuntimeError("activation answer without a certificate")
+    finally:
+        writer.close()
+    load.latencies.append(time.perf_counter() - start)
+
+
+async def _closed_loop(load: Load, concurrency: int) -> None:
+    queue = list(reversed(load.marbles))
+
+    async def slot() -> None:
+        while queue:
+            marble = queue.pop()
+            try:
+                await _activate_one(load, marble)
+            except (OSError, RuntimeError, ValueError, asyncio.IncompleteReadError) as exc:
+                load.errors.append(str(exc))
+
+    await asyncio.gather(*(slot() for _ in range(concurrency)))
+
+
+async def _open_loop(load: Load, rate: float) -> None:
+    """Activations start at ``rate`` per second whatever the answers do (a steady load)."""
+    tasks = []
+    start = time.perf_counter()
+
+    async def one(marble: PreparedMarble) -> None:
+        try:
+            await _activate_one(load, marble)
+        except (OSError, RuntimeError, ValueError, asyncio.IncompleteReadError) as exc:
+            load.errors.append(str(exc))
+
+    for i, marble in enumerate(load.marbles):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(marble)))
+    await asyncio.gather(*tasks)
+
+
+def run_load(load: Load, concurrency: int, rate: float | None = None) -> None:
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    runner(_open_loop(load, rate) if rate else _closed_loop(load, concurrency))
+
+
+def client_context(root: x509.Certificate) -> ssl.SSLContext:
+    """What ``client.Connection`` builds: TLS pinned to the root, no hostname check."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(cadata=cert_to_pem(root).decode())
+    return ctx
+
+
+def measure(
+    *,
+    pid: int,
+    mesh_addr: str,
+    root: x509.Certificate,
+    provider: SimulationProvider,
+    marble_type: str,
+    activations: int,
+    concurrency: int,
+    rate: float | None = None,
+) -> dict[str, Any]:
+    host, port = client.parse_address(mesh_addr)
+    load = Load(host, port, client_context(root), provider, prepare(marble_type, activations))
+    busy0 = cpu_busy_seconds(COORDINATOR_CPU)
+    cpu0, own0, wall0 = cpu_seconds(pid), time.process_time(), time.perf_counter()
+    run_load(load, concurrency, rate)
+    wall = time.perf_counter() - wall0
+    cpu, own = cpu_seconds(pid) - cpu0, time.process_time() - own0
+    others = max(cpu_busy_seconds(COORDINATOR_CPU) - busy0 - cpu, 0.0)
+    n = len(load.latencies)
+    if not n:
+        raise SystemExit(f"{marble_type}: no activation succeeded: {load.errors[:3]}")
+    return {
+        "n": n,
+        "errors": len(load.errors),
+        "first_errors": load.errors[:3],
+        "activations_per_s": round(n / wall, 1),
+        "activations_per_cpu_s": round(n / cpu, 1) if cpu > 0 else None,
+        "coordinator_cpu_use": round(cpu / wall, 2),
+        "others_on_coordinator_cpu": round(others / wall, 2),
+        "loadgen_ms_per_activation": round(own / n * 1000, 2),
+        "loadgen_cpu_use": round(own / wall, 2),
+        "p50_ms": round(statistics.median(load.latencies) * 1000, 1),
+        "p99_ms": round(_percentile(load.latencies, 99) * 1000, 1),
+    }
+
+
+# -- the scenario ---------------------------------------------------------------------------
+def run(
+    activations: int,
+    concurrency: int,
+    ready_samples: int,
+    only: list[str],
+    rate: float,
+    store: str = "file",
+) -> dict[str, Any]:
     from integration.conftest import Mesh, Signer
 
     base = Path(tempfile.mkdtemp(prefix="meshproxy-coordinator-bench-"))
-    results: dict[str, Any] = {"activations": activations, "concurrency": concurrency}
-    with Cluster(base) as c:
-        c.start_coordinator()
-        _pin_process(c.procs[0].popen.pid, 1)
+    results: dict[str, Any] = {
+        "activations": activations,
+        "concurrency": concurrency,
+        "rate": rate,
+        "pinned": _two_cpus(),
+    }
+    with contextlib.ExitStack() as stack:
+        extra = ["--simulation"]
+        if store == "etcd":  # one replica on a local etcd (on the load's CPU), stopped last
+            from integration.test_lifecycle_env import etcd_server
+
+            etcd = stack.enter_context(etcd_server(base))
+            extra += ["--store", "etcd", "--etcd-endpoints", etcd.url]
+        results["store"] = store
+        c = stack.enter_context(Cluster(base))
+        coordinator = c.start_coordinator(extra=extra)
+        pid = coordinator.popen.pid
+        pin_process(pid, COORDINATOR_CPU)
         signer_key = base / "signer.pem"
         c.cli("enclave", "keygen", "-o", str(signer_key))
-        from cryptography.hazmat.primitives import serialization
-
         key = serialization.load_pem_private_key(signer_key.read_bytes(), None)
         spki = key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -104,8 +309,9 @@ def run(activations: int, concurrency: int, ready_samples: int) -> dict[str, Any
             {
                 "Packages": {"p": pkg},
                 "Marbles": {
+                    "plain": {"Package": "p"},
                     "counted": {"Package": "p", "MaxActivations": 10 * activations + 100},
-                    "free": {
+                    "secrets": {
                         "Package": "p",
                         "Parameters": {
                             "Files": {
@@ -126,39 +332,42 @@ def run(activations: int, concurrency: int, ready_samples: int) -> dict[str, Any
         root = client.fetch_evidence(
             c.client_addr, accept_simulation=True, platform_dir=platform_dir
         ).root
-        from meshproxy.pki import cert_to_pem
-
-        ident = {
-            "unique_id": hashlib.sha256(b"bench").hexdigest(),
-            "signer_id": signer.signer_id,
-            "product_id": 1,
-            "security_version": 1,
-            "debug": False,
-        }
-        per = max(activations // concurrency, 1)
-        for marble_type in ("counted", "free"):
-            jobs = [
-                (c.mesh_addr, cert_to_pem(root), str(platform_dir), json.dumps(ident), per,
-                 marble_type, 0)
-                for _ in range(concurrency)
-            ]  # fmt: skip
-            start = time.perf_counter()
-            with multiprocessing.get_context("fork").Pool(concurrency) as pool:
-                latencies = [x for chunk in pool.map(_worker, jobs) for x in chunk]
-            wall = time.perf_counter() - start
-            results[marble_type] = {
-                "activations_per_s": round(len(latencies) / wall, 1),
-                "p50_ms": round(statistics.median(latencies) * 1000, 1),
-                "p99_ms": round(_percentile(latencies, 99) * 1000, 1),
-                "n": len(latencies),
-            }
-        ready = []
-        for i in range(ready_samples):
-            cfg = mesh.marble_config(
-                f"r{i}", "ready", app=[sys.executable, "-c", "import time; time.sleep(30)"]
+        identity = EnclaveIdentity(
+            unique_id=hashlib.sha256(b"bench").digest(),
+            signer_id=bytes.fromhex(signer.signer_id),
+            product_id=1,
+            security_version=1,
+            debug=False,
+        )
+        provider = SimulationProvider(SimulationPlatform.load(platform_dir), identity)
+        pin_process(pid, COORDINATOR_CPU)  # threads started since
+        for marble_type in only:
+            results[marble_type] = measure(
+                pid=pid,
+                mesh_addr=c.mesh_addr,
+                root=root,
+                provider=provider,
+                marble_type=marble_type,
+                activations=activations,
+                concurrency=concurrency,
             )
+        if rate:  # latency under a steady load below saturation
+            results["steady"] = measure(
+                pid=pid,
+                mesh_addr=c.mesh_addr,
+                root=root,
+                provider=provider,
+                marble_type="plain",
+                activations=max(int(rate * 4), 100),
+                concurrency=concurrency,
+                rate=rate,
+            )
+        ready = []
+        app = [sys.executable, "-c", "import time; time.sleep(30)"]
+        for i in range(ready_samples):
+            cfg = mesh.marble_config(f"r{i}", "ready", app=app)
             start = time.perf_counter()
-            proc = mesh.start(f"r{i}", cfg, [sys.executable, "-c", "import time; time.sleep(30)"])
+            proc = mesh.start(f"r{i}", cfg, app)
             ready.append(time.perf_counter() - start)
             proc.stop()
         if ready:
@@ -170,28 +379,68 @@ def run(activations: int, concurrency: int, ready_samples: int) -> dict[str, Any
     return results
 
 
-def _pin_process(pid: int, cpu: int) -> None:
-    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
-        os.sched_setaffinity(pid, {cpu})
+def report(results: dict[str, Any]) -> str:
+    lines = [
+        f"{'scenario':<36}{'act/s':>8}{'act/cpu-s':>10}{'coord cpu':>10}{'others':>7}"
+        f"{'gen ms':>8}{'p50 ms':>8}{'p99 ms':>8}{'errors':>7}"
+    ]
+    steady = f"plain, steady {results['rate']:g}/s offered"
+    for name, text in [*SCENARIOS.items(), ("steady", steady)]:
+        r = results.get(name)
+        if r is None:
+            continue
+        lines.append(
+            f"{text:<36}{r['activations_per_s']:>8}{r['activations_per_cpu_s']!s:>10}"
+            f"{r['coordinator_cpu_use']:>10}{r['others_on_coordinator_cpu']:>7}"
+            f"{r['loadgen_ms_per_activation']:>8}"
+            f"{r['p50_ms']:>8}{r['p99_ms']:>8}{r['errors']:>7}"
+        )
+        if r["loadgen_cpu_use"] > 0.9:
+            lines.append(f"  ({name}: the load generator used {r['loadgen_cpu_use']} of its CPU)")
+    if "start_to_ready_ms" in results:
+        r = results["start_to_ready_ms"]
+        lines.append(
+            f"marble start-to-ready: median {r['median']} ms, max {r['max']} ms (n={r['n']})"
+        )
+    concurrency = results["concurrency"]
+    lines.append(
+        f"({concurrency} marbles at once; coordinator on CPU {COORDINATOR_CPU}, load on CPU "
+        f"{LOAD_CPU}{'' if results['pinned'] else ' -- NOT pinned: one CPU only'}; "
+        f"store: {results['store']})"
+    )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="coordinator_bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--activations", type=int, default=400, help="per marble type (400)")
-    p.add_argument("--concurrency", type=int, default=8, help="simultaneous marbles (8)")
-    p.add_argument("--ready-samples", type=int, default=3, help="marble starts timed (3)")
+    p.add_argument("--activations", type=int, default=1500, help="per scenario (1500)")
+    p.add_argument("--concurrency", type=int, default=16, help="marbles at once (16)")
+    p.add_argument("--ready-samples", type=int, default=5, help="marble starts timed (5)")
+    p.add_argument(
+        "--only", action="append", choices=sorted(SCENARIOS), help="run only these scenarios"
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=250.0,
+        help="then 4 s of plain activations started at this rate, for latency under a "
+        "steady load (250/s: half the 500/s target; 0: skip)",
+    )
+    p.add_argument(
+        "--store",
+        choices=["file", "etcd"],
+        default="file",
+        help="the coordinator's store: a file (default) or a local etcd (started here)",
+    )
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
-    _pin(0)
-    results = run(args.activations, args.concurrency, args.ready_samples)
-    print(f"{'scenario':<34}{'act/s':>9}{'p50 ms':>9}{'p99 ms':>9}")
-    for name, text in (("counted", "activation, MaxActivations commit"),
-                       ("free", "activation, 2 cert secrets")):  # fmt: skip
-        r = results[name]
-        print(f"{text:<34}{r['activations_per_s']:>9}{r['p50_ms']:>9}{r['p99_ms']:>9}")
-    if "start_to_ready_ms" in results:
-        r = results["start_to_ready_ms"]
-        print(f"marble start-to-ready: median {r['median']} ms, max {r['max']} ms (n={r['n']})")
+    if _two_cpus():
+        os.sched_setaffinity(0, {LOAD_CPU})
+    only = args.only or list(SCENARIOS)
+    results = run(
+        args.activations, args.concurrency, args.ready_samples, only, args.rate, args.store
+    )
+    print(report(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -8,6 +8,13 @@ where a caller passes the simulation anchor and ``allow_simulation=True``.
 """
 
 from meshproxy.attestation._collateral import Collateral, parse_collateral
+from meshproxy.attestation._coordinator_policy import (
+    CoordinatorPolicy,
+    check_coordinator,
+    load_coordinator_policy,
+    parse_coordinator_policy,
+)
+from meshproxy.attestation._coordinator_policy import describe as describe_coordinator_policy
 from meshproxy.attestation._enclave import (
     EnclaveDescription,
     SignedEnclave,
@@ -39,6 +46,7 @@ from meshproxy.attestation._ratls import (
     RatlsEvidence,
     parse_ratls_extension,
     ratls_claims,
+    ratls_claims_for_spki,
     ratls_extension,
     ratls_report_data,
     verify_ratls_certificate,
@@ -52,6 +60,7 @@ from meshproxy.attestation._tdx import (
     verify_tdx_quote,
 )
 from meshproxy.attestation._templates import (
+    SEAL_KEY_NAME,
     Runtime,
     gramine_manifest,
     occlum_bom,
@@ -59,6 +68,7 @@ from meshproxy.attestation._templates import (
 )
 from meshproxy.attestation._verify import (
     INTEL_QE_VENDOR_ID,
+    EvidenceCache,
     TrustAnchor,
     VerifiedQuote,
     intel_anchor,
@@ -69,10 +79,13 @@ from meshproxy.attestation._verify import (
 __all__ = [
     "INTEL_QE_VENDOR_ID",
     "RATLS_EVIDENCE_OID",
+    "SEAL_KEY_NAME",
     "SIM_VENDOR_ID",
     "Collateral",
+    "CoordinatorPolicy",
     "EnclaveDescription",
     "EnclaveIdentity",
+    "EvidenceCache",
     "GramineProvider",
     "Ioctl",
     "OcclumProvider",
@@ -92,23 +105,28 @@ __all__ = [
     "TrustAnchor",
     "VerifiedQuote",
     "VerifiedTdxQuote",
+    "check_coordinator",
     "check_measurement",
     "check_package",
     "default_platform_dir",
+    "describe_coordinator_policy",
     "gramine_manifest",
     "intel_anchor",
+    "load_coordinator_policy",
     "load_description",
     "load_signed",
     "measure",
     "occlum_bom",
     "occlum_config",
     "parse_collateral",
+    "parse_coordinator_policy",
     "parse_quote",
     "parse_ratls_extension",
     "parse_tdx_quote",
     "pck_extension",
     "provider_for",
     "ratls_claims",
+    "ratls_claims_for_spki",
     "ratls_extension",
     "ratls_report_data",
     "sign_description",

@@ -100,6 +100,9 @@ class SimulationPlatform:
         self._secret = secret
         pem = serialization.Encoding.PEM
         self._chain_pem = pck_certificate.public_bytes(pem) + root_certificate.public_bytes(pem)
+        # The quoting enclave's attestation key and its PCK-signed QE report: made once per
+        # process, as a hardware QE makes its key once and reuses it for every quote.
+        self._qe_part: tuple[ec.EllipticCurvePrivateKey, bytes, ReportBody, bytes] | None = None
 
     def __repr__(self) -> str:
         return f"SimulationPlatform({str(self.directory)!r})"
@@ -169,20 +172,8 @@ class SimulationPlatform:
             isv_svn=identity.security_version,
             report_data=bytes(report_data).ljust(64, b"\0"),
         )
-        att_key = ec.generate_private_key(ec.SECP256R1())
-        att_pub = _raw_public(att_key.public_key())
+        att_key, att_pub, qe_report, qe_sig = self._quoting_enclave()
         qe = self.qe_identity
-        qe_report = ReportBody(
-            cpu_svn=bytes(16),
-            misc_select=0,
-            attributes=_FLAGS.to_bytes(8, "little") + _XFRM.to_bytes(8, "little"),
-            mr_enclave=qe.unique_id,
-            mr_signer=qe.signer_id,
-            isv_prod_id=qe.product_id,
-            isv_svn=qe.security_version,
-            report_data=hashlib.sha256(att_pub + _QE_AUTH_DATA).digest() + bytes(32),
-        )
-        qe_sig = self._pck_key.sign(qe_report.to_bytes(), ec.ECDSA(hashes.SHA256()))
         header = encode_header(
             qe_svn=qe.security_version,
             pce_svn=1,
@@ -201,6 +192,25 @@ class SimulationPlatform:
             cert_type=CERT_TYPE_PCK_CHAIN,
             cert_data=self._chain_pem,
         )
+
+    def _quoting_enclave(self) -> tuple[ec.EllipticCurvePrivateKey, bytes, ReportBody, bytes]:
+        if self._qe_part is None:
+            att_key = ec.generate_private_key(ec.SECP256R1())
+            att_pub = _raw_public(att_key.public_key())
+            qe = self.qe_identity
+            qe_report = ReportBody(
+                cpu_svn=bytes(16),
+                misc_select=0,
+                attributes=_FLAGS.to_bytes(8, "little") + _XFRM.to_bytes(8, "little"),
+                mr_enclave=qe.unique_id,
+                mr_signer=qe.signer_id,
+                isv_prod_id=qe.product_id,
+                isv_svn=qe.security_version,
+                report_data=hashlib.sha256(att_pub + _QE_AUTH_DATA).digest() + bytes(32),
+            )
+            qe_sig = self._pck_key.sign(qe_report.to_bytes(), ec.ECDSA(hashes.SHA256()))
+            self._qe_part = (att_key, att_pub, qe_report, qe_sig)
+        return self._qe_part
 
     def sealing_key(self, label: bytes) -> Secret:
         return Secret(self._derive(b"sealing:" + label, 32))

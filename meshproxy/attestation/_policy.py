@@ -13,7 +13,9 @@ advisories, every advisory of the quote must be among them. An empty list accept
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
+from meshproxy.attestation._quote import EnclaveIdentity
 from meshproxy.attestation._verify import VerifiedQuote
 from meshproxy.errors import PolicyError
 
@@ -29,7 +31,55 @@ class PackagePolicy:
     accepted_advisories: tuple[str, ...] = ()
 
 
-_HARDENING_STATUSES = ("SWHardeningNeeded", "ConfigurationAndSWHardeningNeeded")
+HARDENING_STATUSES = ("SWHardeningNeeded", "ConfigurationAndSWHardeningNeeded")
+
+
+class Mismatch(NamedTuple):
+    field: str  # UniqueID, SignerID, ProductID or SecurityVersion
+    actual: str  # hex for measurements
+    required: str
+
+
+class _Pins(Protocol):
+    @property
+    def unique_id(self) -> bytes | None: ...
+    @property
+    def signer_id(self) -> bytes | None: ...
+    @property
+    def product_id(self) -> int | None: ...
+    @property
+    def security_version(self) -> int | None: ...
+
+
+def identity_mismatch(ident: EnclaveIdentity, pins: _Pins) -> Mismatch | None:
+    """The first pinned field ``ident`` does not satisfy, in MarbleRun's order; every pin
+    must equal, except SecurityVersion, a minimum. Shared by packages and coordinator
+    policies (``_coordinator_policy``), which word the refusal each their own way."""
+    if pins.unique_id is not None and ident.unique_id != pins.unique_id:
+        return Mismatch("UniqueID", ident.unique_id.hex(), pins.unique_id.hex())
+    if pins.signer_id is not None and ident.signer_id != pins.signer_id:
+        return Mismatch("SignerID", ident.signer_id.hex(), pins.signer_id.hex())
+    if pins.product_id is not None and ident.product_id != pins.product_id:
+        return Mismatch("ProductID", str(ident.product_id), str(pins.product_id))
+    if pins.security_version is not None and ident.security_version < pins.security_version:
+        return Mismatch("SecurityVersion", str(ident.security_version), str(pins.security_version))
+    return None
+
+
+def refused_advisories(verified: VerifiedQuote, accepted: tuple[str, ...]) -> list[str]:
+    """The quote's advisories outside ``accepted``, when they matter: a hardware quote with
+    a *SWHardeningNeeded status and a non-empty ``accepted`` list (MarbleRun's rule)."""
+    if verified.simulated or verified.tcb_status not in HARDENING_STATUSES or not accepted:
+        return []
+    return [a for a in verified.advisories if a not in accepted]
+
+
+_PACKAGE_MISMATCH = {
+    "UniqueID": "UniqueID {actual} does not match the package's {required}",
+    "SignerID": "SignerID {actual} does not match the package's {required}",
+    "ProductID": "ProductID {actual}, package requires {required}",
+    "SecurityVersion": "SecurityVersion {actual} is below the package's minimum {required}",
+}
 
 
 def check_package(
@@ -44,23 +94,9 @@ def check_package(
         raise PolicyError(
             "the package pins neither UniqueID nor SignerID with ProductID and SecurityVersion"
         )
-    if policy.unique_id is not None and ident.unique_id != policy.unique_id:
-        raise PolicyError(
-            f"UniqueID {ident.unique_id.hex()} does not match the package's "
-            f"{policy.unique_id.hex()}"
-        )
-    if policy.signer_id is not None and ident.signer_id != policy.signer_id:
-        raise PolicyError(
-            f"SignerID {ident.signer_id.hex()} does not match the package's "
-            f"{policy.signer_id.hex()}"
-        )
-    if policy.product_id is not None and ident.product_id != policy.product_id:
-        raise PolicyError(f"ProductID {ident.product_id}, package requires {policy.product_id}")
-    if policy.security_version is not None and ident.security_version < policy.security_version:
-        raise PolicyError(
-            f"SecurityVersion {ident.security_version} is below the package's minimum "
-            f"{policy.security_version}"
-        )
+    mismatch = identity_mismatch(ident, policy)
+    if mismatch is not None:
+        raise PolicyError(_PACKAGE_MISMATCH[mismatch.field].format_map(mismatch._asdict()))
     if ident.debug != policy.debug:
         kind = "debug enclave" if ident.debug else "non-debug enclave"
         raise PolicyError(f"{kind}, but the package requires Debug {str(policy.debug).lower()}")
@@ -70,15 +106,10 @@ def check_package(
             f"TCB status {verified.tcb_status} is not accepted by the package "
             f"(accepted: {accepted})"
         )
-    if (
-        not verified.simulated
-        and verified.tcb_status in _HARDENING_STATUSES
-        and policy.accepted_advisories
-    ):
-        refused = [a for a in verified.advisories if a not in policy.accepted_advisories]
-        if refused:
-            raise PolicyError(
-                f"TCB status {verified.tcb_status} with advisories not accepted by the "
-                f"package: {', '.join(refused)} (accepted: "
-                f"{', '.join(policy.accepted_advisories)})"
-            )
+    refused = refused_advisories(verified, policy.accepted_advisories)
+    if refused:
+        raise PolicyError(
+            f"TCB status {verified.tcb_status} with advisories not accepted by the "
+            f"package: {', '.join(refused)} (accepted: "
+            f"{', '.join(policy.accepted_advisories)})"
+        )

@@ -12,15 +12,19 @@ import ctypes
 import difflib
 import fcntl
 import os
+import re
 from pathlib import Path
 from typing import Protocol
 
+from meshproxy._redact import Secret
 from meshproxy.attestation._platform import QuoteProvider, SimulationPlatform, SimulationProvider
 from meshproxy.attestation._quote import MAX_QUOTE_SIZE, EnclaveIdentity
 from meshproxy.errors import AttestationError, ConfigError
 
 PROVIDERS = ("simulation", "gramine", "occlum")
 REPORT_DATA_SIZE = 64
+GRAMINE_KEY_SIZE = 16  # /dev/attestation/keys/<name>: a raw 128-bit key
+_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # not _sgx_* (read-only)
 
 
 def _report_data(report_data: bytes) -> bytes:
@@ -77,6 +81,32 @@ class GramineProvider:
         if not quote or len(quote) > MAX_QUOTE_SIZE:
             raise _provider_error(f"{d / 'quote'} gave {len(quote)} bytes, not a quote")
         return quote
+
+    def install_key(self, name: str, key: Secret) -> Path:
+        """Give Gramine the 16-byte key of the encrypted mounts whose ``key_name`` is
+        ``name``: write it to ``keys/<name>`` (before the app opens such a mount). Gramine
+        keeps it in enclave memory; the key is never logged or put in an error."""
+        if not _KEY_NAME.match(name):
+            raise _provider_error(f"{name!r} is not a Gramine key name")
+        if len(key) != GRAMINE_KEY_SIZE:
+            raise _provider_error(
+                f"an encrypted-files key is {GRAMINE_KEY_SIZE} bytes, not {len(key)}"
+            )
+        keys = self.attestation_dir / "keys"
+        if not keys.is_dir():
+            raise _provider_error(f"not running under Gramine (no {keys})")
+        path = keys / name
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                written = os.write(fd, key.reveal())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise _provider_error(f"{path}: cannot set the key: {exc.strerror or exc}") from None
+        if written != GRAMINE_KEY_SIZE:
+            raise _provider_error(f"{path}: wrote {written} of {GRAMINE_KEY_SIZE} key bytes")
+        return path
 
 
 def _read_optional(path: Path) -> bytes | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import TypedDict
 
 from meshproxy.errors import AttestationError
 
@@ -151,6 +152,10 @@ class _Reader:
         self.pos = start
         self.end = len(data) if end is None else end
 
+    @property
+    def data(self) -> bytes:
+        return self._data
+
     def take(self, size: int, what: str) -> bytes:
         left = self.end - self.pos
         if size > left:
@@ -196,26 +201,121 @@ def _qe_part(r: _Reader) -> _AuthData:
     return _AuthData(qe_report, qe_sig, auth, cert_type, cert_data)
 
 
-def parse_quote(data: bytes) -> Quote:
-    """Parse an SGX quote (v3; v4 and v5 with an SGX body). TDX quotes are refused."""
+@dataclass(frozen=True)
+class _Header:
+    """The 48-byte header SGX and TDX quotes share."""
+
+    version: int
+    att_key_type: int
+    tee_type: int
+    qe_svn: int
+    pce_svn: int
+    vendor_id: bytes
+    user_data: bytes
+
+
+def _read_header(data: object) -> tuple[_Reader, _Header]:
+    """Check that ``data`` is a quote-sized byte string; read its header (shared SGX/TDX)."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise _format_error(f"a quote is bytes, got {type(data).__name__}")
     data = bytes(data)
     if len(data) > MAX_QUOTE_SIZE:
         raise _format_error(f"quote is {len(data)} bytes, more than {MAX_QUOTE_SIZE}")
     r = _Reader(data)
-    version = r.u16("version")
-    att_key_type = r.u16("attestation key type")
-    tee_type = r.u32("TEE type")
-    qe_svn = r.u16("QE SVN")
-    pce_svn = r.u16("PCE SVN")
-    vendor_id = r.take(16, "QE vendor id")
-    user_data = r.take(20, "user data")
+    header = _Header(
+        version=r.u16("version"),
+        att_key_type=r.u16("attestation key type"),
+        tee_type=r.u32("TEE type"),
+        qe_svn=r.u16("QE SVN"),
+        pce_svn=r.u16("PCE SVN"),
+        vendor_id=r.take(16, "QE vendor id"),
+        user_data=r.take(20, "user data"),
+    )
+    return r, header
+
+
+@dataclass(frozen=True)
+class _SignatureData:
+    signature: bytes
+    attestation_key: bytes
+    auth: _AuthData
+    end: int  # the offset after the signature data
+
+
+def _read_signature_data(r: _Reader, *, wrapped: bool, label: str = "") -> _SignatureData:
+    """The signature data after the body (shared SGX/TDX): its size, the quote signature,
+    the attestation key, then the QE part, bare (v3) or ``wrapped`` in certification data
+    of type 6 (v4, v5, TDX). ``label`` prefixes the wrapper's error."""
+    sig_size = r.u32("signature data size")
+    sig_start = r.pos
+    if sig_size > r.end - sig_start:
+        raise _format_error(
+            f"signature data size {sig_size} at offset {sig_start - 4} exceeds the "
+            f"{r.end - sig_start} bytes left"
+        )
+    s = _Reader(r.data, sig_start, sig_start + sig_size)
+    signature = s.take(64, "quote signature")
+    attestation_key = s.take(64, "attestation key")
+    if not wrapped:
+        auth = _qe_part(s)
+    else:
+        outer_at = s.pos
+        outer_type = s.u16("certification data type")
+        if outer_type != CERT_TYPE_QE_REPORT:
+            raise _format_error(
+                f"{label}certification data type {outer_type} at offset {outer_at} is not "
+                f"{CERT_TYPE_QE_REPORT} (QE report certification data)"
+            )
+        outer_size = s.u32("certification data size")
+        inner = _Reader(r.data, s.pos, s.pos + outer_size)
+        s.take(outer_size, "QE report certification data")
+        auth = _qe_part(inner)
+        inner.finish("the QE report certification data")
+    s.finish("the signature data")
+    return _SignatureData(signature, attestation_key, auth, s.end)
+
+
+class _QuoteFields(TypedDict):
+    """The fields SGX ``Quote`` and ``TdxQuote`` share, from header and signature data."""
+
+    qe_svn: int
+    pce_svn: int
+    vendor_id: bytes
+    user_data: bytes
+    signature: bytes
+    attestation_key: bytes
+    qe_report: ReportBody
+    qe_report_signature: bytes
+    qe_auth_data: bytes
+    cert_type: int
+    cert_data: bytes
+
+
+def _quote_fields(h: _Header, sig: _SignatureData) -> _QuoteFields:
+    return _QuoteFields(
+        qe_svn=h.qe_svn,
+        pce_svn=h.pce_svn,
+        vendor_id=h.vendor_id,
+        user_data=h.user_data,
+        signature=sig.signature,
+        attestation_key=sig.attestation_key,
+        qe_report=sig.auth.qe_report,
+        qe_report_signature=sig.auth.qe_report_signature,
+        qe_auth_data=sig.auth.qe_auth_data,
+        cert_type=sig.auth.cert_type,
+        cert_data=sig.auth.cert_data,
+    )
+
+
+def parse_quote(data: bytes) -> Quote:
+    """Parse an SGX quote (v3; v4 and v5 with an SGX body). TDX quotes are refused."""
+    r, h = _read_header(data)
+    version, tee_type = h.version, h.tee_type
     if version not in (3, 4, 5):
         raise _format_error(f"unsupported quote version {version} at offset 0 (known: 3, 4, 5)")
-    if att_key_type != ATT_KEY_ECDSA_P256:
+    if h.att_key_type != ATT_KEY_ECDSA_P256:
         raise _format_error(
-            f"attestation key type {att_key_type} at offset 2 is not supported "
+            f"attestation key type {h.att_key_type} at offset 2 is not supported "
             f"(only {ATT_KEY_ECDSA_P256} = ECDSA P-256)"
         )
     if tee_type == TEE_TDX and version >= 4:
@@ -235,51 +335,16 @@ def parse_quote(data: bytes) -> Quote:
             )
     body_at = r.pos
     body = ReportBody.parse(r.take(REPORT_BODY_SIZE, "report body"), offset=body_at)
-    signed_region = data[: r.pos]
-    sig_size = r.u32("signature data size")
-    sig_start = r.pos
-    if sig_size > r.end - sig_start:
-        raise _format_error(
-            f"signature data size {sig_size} at offset {sig_start - 4} exceeds the "
-            f"{r.end - sig_start} bytes left"
-        )
-    s = _Reader(data, sig_start, sig_start + sig_size)
-    signature = s.take(64, "quote signature")
-    attestation_key = s.take(64, "attestation key")
-    if version == 3:
-        auth = _qe_part(s)
-    else:
-        outer_at = s.pos
-        outer_type = s.u16("certification data type")
-        if outer_type != CERT_TYPE_QE_REPORT:
-            raise _format_error(
-                f"v{version} certification data type {outer_type} at offset {outer_at} is not "
-                f"{CERT_TYPE_QE_REPORT} (QE report certification data)"
-            )
-        outer_size = s.u32("certification data size")
-        inner = _Reader(data, s.pos, s.pos + outer_size)
-        s.take(outer_size, "QE report certification data")
-        auth = _qe_part(inner)
-        inner.finish("the QE report certification data")
-    s.finish("the signature data")
-    r.pos = s.end
+    signed_region = r.data[: r.pos]
+    sig = _read_signature_data(r, wrapped=version != 3, label=f"v{version} ")
+    r.pos = sig.end
     r.finish("the signature data")
     return Quote(
         version=version,
-        att_key_type=att_key_type,
-        qe_svn=qe_svn,
-        pce_svn=pce_svn,
-        vendor_id=vendor_id,
-        user_data=user_data,
+        att_key_type=h.att_key_type,
         body=body,
-        signature=signature,
-        attestation_key=attestation_key,
-        qe_report=auth.qe_report,
-        qe_report_signature=auth.qe_report_signature,
-        qe_auth_data=auth.qe_auth_data,
-        cert_type=auth.cert_type,
-        cert_data=auth.cert_data,
         signed_region=signed_region,
+        **_quote_fields(h, sig),
     )
 
 

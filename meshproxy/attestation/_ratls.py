@@ -73,7 +73,12 @@ def _spki(public_key: PublicKeyTypes) -> bytes:
 
 def ratls_claims(public_key: PublicKeyTypes, *, nonce: bytes | None = None) -> bytes:
     """The claims a certificate for ``public_key`` carries (deterministic CBOR)."""
-    pubkey_hash = _cbor.encode([1, hashlib.sha256(_spki(public_key)).digest()])
+    return ratls_claims_for_spki(_spki(public_key), nonce=nonce)
+
+
+def ratls_claims_for_spki(spki_der: bytes, *, nonce: bytes | None = None) -> bytes:
+    """``ratls_claims`` for a key given as its SubjectPublicKeyInfo DER."""
+    pubkey_hash = _cbor.encode([1, hashlib.sha256(bytes(spki_der)).digest()])
     claims: dict[str, bytes] = {"pubkey-hash": pubkey_hash}
     if nonce is not None:
         claims["nonce"] = bytes(nonce)

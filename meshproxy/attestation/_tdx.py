@@ -24,14 +24,13 @@ from datetime import datetime
 from meshproxy.attestation._chain import TrustAnchor
 from meshproxy.attestation._quote import (
     ATT_KEY_ECDSA_P256,
-    CERT_TYPE_QE_REPORT,
     HEADER_SIZE,
-    MAX_QUOTE_SIZE,
     TEE_TDX,
     ReportBody,
     _format_error,
-    _qe_part,
-    _Reader,
+    _quote_fields,
+    _read_header,
+    _read_signature_data,
 )
 from meshproxy.attestation._verify import verify_signed_evidence
 
@@ -132,27 +131,16 @@ class VerifiedTdxQuote:
 
 def parse_tdx_quote(data: bytes) -> TdxQuote:
     """Parse a TDX quote (v4 or v5); malformations are ``AttestationError("format")``."""
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise _format_error(f"a quote is bytes, got {type(data).__name__}")
-    data = bytes(data)
-    if len(data) > MAX_QUOTE_SIZE:
-        raise _format_error(f"quote is {len(data)} bytes, more than {MAX_QUOTE_SIZE}")
-    r = _Reader(data)
-    version = r.u16("version")
-    att_key_type = r.u16("attestation key type")
-    tee_type = r.u32("TEE type")
-    qe_svn = r.u16("QE SVN")
-    pce_svn = r.u16("PCE SVN")
-    vendor_id = r.take(16, "QE vendor id")
-    user_data = r.take(20, "user data")
-    if tee_type != TEE_TDX:
+    r, h = _read_header(data)
+    version = h.version
+    if h.tee_type != TEE_TDX:
         raise _format_error(
-            f"TEE type 0x{tee_type:x} at offset 4 is not TDX (0x81); SGX quotes go to parse_quote"
+            f"TEE type 0x{h.tee_type:x} at offset 4 is not TDX (0x81); SGX quotes go to parse_quote"
         )
     if version not in (4, 5):
         raise _format_error(f"TDX quote version {version} at offset 0 is not 4 or 5")
-    if att_key_type != ATT_KEY_ECDSA_P256:
-        raise _format_error(f"attestation key type {att_key_type} at offset 2 is not supported")
+    if h.att_key_type != ATT_KEY_ECDSA_P256:
+        raise _format_error(f"attestation key type {h.att_key_type} at offset 2 is not supported")
     body_size = TD_REPORT10_SIZE
     if version == 5:
         body_type = r.u16("body type")
@@ -163,50 +151,15 @@ def parse_tdx_quote(data: bytes) -> TdxQuote:
                 "TD report (type 2, 584 bytes; or type 3, 648 bytes)"
             )
     body = TdReport.parse(r.take(body_size, "TD report"))
-    signed_region = data[: r.pos]
-    sig_size = r.u32("signature data size")
-    sig_start = r.pos
-    if sig_size > r.end - sig_start:
+    signed_region = r.data[: r.pos]
+    sig = _read_signature_data(r, wrapped=True)
+    if any(r.data[sig.end :]):
         raise _format_error(
-            f"signature data size {sig_size} at offset {sig_start - 4} exceeds the "
-            f"{r.end - sig_start} bytes left"
-        )
-    s = _Reader(data, sig_start, sig_start + sig_size)
-    signature = s.take(64, "quote signature")
-    attestation_key = s.take(64, "attestation key")
-    outer_at = s.pos
-    outer_type = s.u16("certification data type")
-    if outer_type != CERT_TYPE_QE_REPORT:
-        raise _format_error(
-            f"certification data type {outer_type} at offset {outer_at} is not "
-            f"{CERT_TYPE_QE_REPORT} (QE report certification data)"
-        )
-    outer_size = s.u32("certification data size")
-    inner = _Reader(data, s.pos, s.pos + outer_size)
-    s.take(outer_size, "QE report certification data")
-    auth = _qe_part(inner)
-    inner.finish("the QE report certification data")
-    s.finish("the signature data")
-    if any(data[s.end :]):
-        raise _format_error(
-            f"{len(data) - s.end} bytes after the signature data at offset {s.end} are not "
-            "zero padding"
+            f"{len(r.data) - sig.end} bytes after the signature data at offset {sig.end} are "
+            "not zero padding"
         )
     return TdxQuote(
-        version=version,
-        qe_svn=qe_svn,
-        pce_svn=pce_svn,
-        vendor_id=vendor_id,
-        user_data=user_data,
-        body=body,
-        signature=signature,
-        attestation_key=attestation_key,
-        qe_report=auth.qe_report,
-        qe_report_signature=auth.qe_report_signature,
-        qe_auth_data=auth.qe_auth_data,
-        cert_type=auth.cert_type,
-        cert_data=auth.cert_data,
-        signed_region=signed_region,
+        version=version, body=body, signed_region=signed_region, **_quote_fields(h, sig)
     )
 
 

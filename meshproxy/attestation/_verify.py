@@ -16,9 +16,10 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshproxy.attestation._chain import (
@@ -44,6 +45,7 @@ from meshproxy.errors import AttestationError
 
 __all__ = [
     "INTEL_QE_VENDOR_ID",
+    "EvidenceCache",
     "TrustAnchor",
     "VerifiedQuote",
     "intel_anchor",
@@ -89,17 +91,53 @@ class SignedEvidence(Protocol):
     def signed_region(self) -> bytes: ...
 
 
+class EvidenceCache:
+    """Checks that hold for every quote of one platform, remembered by content digest.
+
+    A platform's quotes carry the same PCK chain, and (on hardware, where the attestation
+    key lives as long as the quoting enclave) the same QE report and signature: a verifier
+    that sees many quotes (the coordinator) checks those once. A cached chain is checked
+    again against ``now`` (its validity window) and the anchors given, so only signature
+    checks are skipped, never a policy. Bounded: the oldest entries go first.
+    """
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        # digest of (anchor, chain) -> (anchor, path, valid from, valid until)
+        self._chains: dict[bytes, tuple[TrustAnchor, list[x509.Certificate], datetime, datetime]]
+        self._chains = {}
+        self._qe_reports: dict[bytes, None] = {}  # digests of (PCK leaf, report, signature)
+        self._anchors: dict[int, tuple[x509.Certificate, bytes]] = {}
+
+    def __repr__(self) -> str:
+        return f"<EvidenceCache chains={len(self._chains)} qe_reports={len(self._qe_reports)}>"
+
+    def _fingerprint(self, cert: x509.Certificate) -> bytes:
+        """An anchor's SHA-256 fingerprint (anchors are few and long-lived)."""
+        hit = self._anchors.get(id(cert))
+        if hit is None or hit[0] is not cert:
+            hit = (cert, cert.fingerprint(hashes.SHA256()))
+            self._remember(self._anchors, id(cert), hit)
+        return hit[1]
+
+    def _remember(self, table: dict[Any, Any], key: Any, value: Any) -> None:
+        if len(table) >= self.size:
+            del table[next(iter(table))]
+        table[key] = value
+
+
 def verify_quote(
     quote: bytes,
     anchors: Sequence[TrustAnchor],
     *,
     now: datetime,
     collateral: Collateral | None = None,
+    cache: EvidenceCache | None = None,
 ) -> VerifiedQuote:
     if now.tzinfo is None:
         raise ValueError("verify_quote: now must be timezone-aware")
     q = parse_quote(quote)
-    anchor, pck_path = verify_signed_evidence(q, anchors, now)
+    anchor, pck_path = verify_signed_evidence(q, anchors, now, cache)
     status = "Simulated" if anchor.simulated else "NotEvaluated"
     advisories: tuple[str, ...] = ()
     if collateral is not None:
@@ -116,19 +154,27 @@ def verify_quote(
 
 
 def verify_signed_evidence(
-    q: SignedEvidence, anchors: Sequence[TrustAnchor], now: datetime
+    q: SignedEvidence,
+    anchors: Sequence[TrustAnchor],
+    now: datetime,
+    cache: EvidenceCache | None = None,
 ) -> tuple[TrustAnchor, list[x509.Certificate]]:
     """Anchor, PCK chain, QE report, attestation-key binding, quote signature. Returns
     the anchor and the verified PCK path (leaf first, without the anchor)."""
     candidates = select_anchors(q.vendor_id, anchors)
-    anchor, path = _verify_pck_chain(q, candidates, now)
-    check_signature(
-        p256_key(path[0], "pck-chain"),
-        q.qe_report_signature,
-        q.qe_report.to_bytes(),
-        "qe-report-signature",
-        "the QE report is not signed by the PCK certificate's key",
-    )
+    anchor, path = _cached_pck_chain(q, candidates, now, cache)
+    report = q.qe_report.to_bytes()
+    seen = hashlib.sha256(path[0].fingerprint(hashes.SHA256()) + report + q.qe_report_signature)
+    if cache is None or seen.digest() not in cache._qe_reports:
+        check_signature(
+            p256_key(path[0], "pck-chain"),
+            q.qe_report_signature,
+            report,
+            "qe-report-signature",
+            "the QE report is not signed by the PCK certificate's key",
+        )
+        if cache is not None:
+            cache._remember(cache._qe_reports, seen.digest(), None)
     if q.qe_report.debug:
         raise fail("qe-identity", "the quoting enclave is a debug enclave")
     expected = hashlib.sha256(q.attestation_key + q.qe_auth_data).digest() + bytes(32)
@@ -150,6 +196,26 @@ def verify_signed_evidence(
         "quote-signature",
         "the quote is not signed by its attestation key (header or report body altered)",
     )
+    return anchor, path
+
+
+def _cached_pck_chain(
+    q: SignedEvidence, anchors: Sequence[TrustAnchor], now: datetime, cache: EvidenceCache | None
+) -> tuple[TrustAnchor, list[x509.Certificate]]:
+    if cache is None:
+        return _verify_pck_chain(q, anchors, now)
+    digest = hashlib.sha256(q.cert_data)
+    for a in anchors:
+        digest.update(cache._fingerprint(a.certificate))
+    key = digest.digest()
+    hit = cache._chains.get(key)
+    if hit is not None and hit[2] <= now <= hit[3]:
+        return hit[0], hit[1]
+    anchor, path = _verify_pck_chain(q, anchors, now)  # checks validity at now, too
+    window = [*path, anchor.certificate]
+    start = max(c.not_valid_before_utc for c in window)
+    end = min(c.not_valid_after_utc for c in window)
+    cache._remember(cache._chains, key, (anchor, path, start, end))
     return anchor, path
 
 

@@ -26,9 +26,10 @@ _GROUPS = (
     "meshproxy.cli.secret",
     "meshproxy.cli.recover",
 )
+_RUN = ("meshproxy.cli.run",)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(groups: Sequence[str] = _GROUPS) -> argparse.ArgumentParser:
     import importlib
 
     parser = argparse.ArgumentParser(
@@ -37,13 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"meshproxy {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in _GROUPS:
+    for name in groups:
         importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else list(argv)
+    # `meshproxy run` is the long-lived proxy: it must not load the other commands'
+    # modules (the coordinator's client and web stack), which would stay in its memory.
+    parser = build_parser(_RUN if words[:1] == ["run"] else _GROUPS)
     args = parser.parse_args(argv)
     try:
         status: int = args.func(args)

@@ -2,7 +2,10 @@
 
 Trust is established the same way everywhere: ``--root ROOT_PEM``, else the root saved by
 ``meshproxy manifest verify`` for that coordinator address, else the coordinator's quote
-(with ``--accept-simulation`` for a simulated coordinator), verified on the spot.
+(with ``--accept-simulation`` for a simulated coordinator), verified on the spot. With
+``--policy FILE`` the quote is always verified (the saved root is not used) and the
+coordinator's enclave identity must satisfy the policy; ``--collateral`` rates a hardware
+coordinator's TCB level for it.
 """
 
 from __future__ import annotations
@@ -16,8 +19,20 @@ from pathlib import Path
 
 from cryptography import x509
 
-from meshproxy.coordinator.client import ClientIdentity, Connection, fetch_evidence
-from meshproxy.errors import PKIError, UsageError
+from meshproxy.attestation import (
+    Collateral,
+    CoordinatorPolicy,
+    check_coordinator,
+    load_coordinator_policy,
+    parse_collateral,
+)
+from meshproxy.coordinator.client import (
+    ClientIdentity,
+    ClusterEvidence,
+    Connection,
+    fetch_evidence,
+)
+from meshproxy.errors import AttestationError, PKIError, PolicyError, UsageError
 from meshproxy.pki import cert_from_pem
 
 
@@ -46,6 +61,20 @@ def add_coordinator_options(p: argparse.ArgumentParser) -> None:
         help="simulated platform whose root verifies simulated quotes "
         "(default: $MESHPROXY_SIM_PLATFORM or ~/.local/share/meshproxy/sim-platform)",
     )
+    p.add_argument(
+        "--policy",
+        type=Path,
+        metavar="POLICY",
+        help="verify the coordinator's quote now (not a saved root) and require this enclave "
+        "identity: a coordinator policy file (MarbleRun's coordinator-era.json keys, YAML or "
+        "JSON; see 'manifest verify --help')",
+    )
+    p.add_argument(
+        "--collateral",
+        type=Path,
+        metavar="FILE",
+        help="Intel collateral (dcap-qvl JSON) to rate a hardware coordinator's TCB level",
+    )
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per request (10)")
 
 
@@ -64,25 +93,57 @@ def saved_root_path(address: str) -> Path:
 
 
 def load_root(path: Path) -> x509.Certificate:
+    return cert_from_pem(read_file(path, "--root"), str(path))
+
+
+def read_collateral(path: Path) -> Collateral:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise UsageError(f"--root {path}: {exc.strerror}") from None
-    return cert_from_pem(data, str(path))
+        raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        return parse_collateral(data)
+    except AttestationError as exc:
+        raise AttestationError(f"{path}: {exc}", check=exc.check) from None
 
 
-def trusted_root(args: argparse.Namespace) -> x509.Certificate:
-    if args.root is not None:
-        return load_root(args.root)
-    saved = saved_root_path(args.coordinator)
-    if saved.is_file():
-        return load_root(saved)
-    return fetch_evidence(
+def attest(args: argparse.Namespace) -> tuple[ClusterEvidence, CoordinatorPolicy | None]:
+    """Verify the coordinator's quote over a fresh nonce, then its identity (``--policy``)."""
+    # Both files are read before anything is fetched: a bad one fails here, named.
+    policy = load_coordinator_policy(args.policy) if args.policy is not None else None
+    collateral = read_collateral(args.collateral) if args.collateral is not None else None
+    evidence = fetch_evidence(
         args.coordinator,
         accept_simulation=args.accept_simulation,
         platform_dir=args.platform_dir,
         timeout=args.timeout,
-    ).root
+        collateral=collateral,
+    )
+    if policy is not None:
+        try:
+            check_coordinator(evidence.verified, policy)
+        except PolicyError as exc:
+            raise PolicyError(
+                f"coordinator {args.coordinator} refused by policy {args.policy}: {exc}"
+            ) from None
+    return evidence, policy
+
+
+def trusted_root(args: argparse.Namespace, *, use_saved: bool = True) -> x509.Certificate:
+    """``--root``, else (without ``--policy``) the saved root, else a verified quote's root.
+    ``use_saved=False``: never the saved root (a coordinator in recovery mode has another)."""
+    attesting = args.policy is not None or args.collateral is not None
+    if args.root is not None:
+        if attesting:
+            raise UsageError(
+                "--policy and --collateral check the coordinator's quote, --root trusts a "
+                "root without one: give one or the other"
+            )
+        return load_root(args.root)
+    saved = saved_root_path(args.coordinator)
+    if use_saved and not attesting and saved.is_file():
+        return load_root(saved)
+    return attest(args)[0].root
 
 
 def connect(
@@ -122,10 +183,7 @@ def user_identity(args: argparse.Namespace) -> ClientIdentity | None:
         return None
     if cert_path is None or key_path is None:
         raise UsageError("--cert and --key go together")
-    try:
-        data = cert_path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"--cert {cert_path}: {exc.strerror}") from None
+    data = read_file(cert_path, "--cert")
     if not key_path.is_file():
         raise UsageError(f"--key {key_path}: no such file")
     try:
@@ -140,6 +198,13 @@ def user_identity(args: argparse.Namespace) -> ClientIdentity | None:
             f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ})"
         )
     return ClientIdentity(cert_path, key_path)
+
+
+def file_name(name: str, what: str) -> str:
+    """``name`` as one file name in an output directory: no separators, no ``.``/``..``."""
+    if not name or "/" in name or name in (".", ".."):
+        raise UsageError(f"{what} {name!r} cannot be a file name")
+    return name
 
 
 def read_file(path: Path, flag: str = "") -> bytes:

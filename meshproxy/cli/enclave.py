@@ -22,7 +22,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from meshproxy.attestation import (
-    Collateral,
     Runtime,
     SimulationPlatform,
     TrustAnchor,
@@ -34,14 +33,15 @@ from meshproxy.attestation import (
     measure,
     occlum_bom,
     occlum_config,
-    parse_collateral,
     sign_description,
     signer_id_of,
     simulation_anchor,
     verify_quote,
+    verify_ratls_certificate,
     verify_tdx_quote,
     write_signed,
 )
+from meshproxy.cli._common import read_collateral
 from meshproxy.config import load_file
 from meshproxy.errors import AttestationError, ConfigError, UsageError
 
@@ -145,7 +145,10 @@ def register_quote(sub: _Sub[argparse.ArgumentParser]) -> None:
         "verify",
         help="verify a quote file and print the enclave identity",
         description="Verify QUOTE_FILE (binary, or hex text) and print what it attests. "
-        "Exits non-zero naming the failing check.",
+        "QUOTE_FILE may also be an RA-TLS certificate (PEM or DER: a marble's leaf, or "
+        "Gramine's or the Intel SDK's): then the quote in its evidence extension is "
+        "verified and must bind the certificate's key. Exits non-zero naming the failing "
+        "check.",
     )
     p.add_argument("quote", metavar="QUOTE_FILE", type=Path)
     p.add_argument(
@@ -299,7 +302,7 @@ _TEE_TDX = 0x81
 def _verify(args: argparse.Namespace) -> int:
     now = _parse_time(args.at) if args.at else datetime.now(UTC)
     quote = _read_quote(args.quote)
-    collateral = _read_collateral(args.collateral) if args.collateral else None
+    collateral = read_collateral(args.collateral) if args.collateral else None
     anchors: list[TrustAnchor] = []
     for name in dict.fromkeys(args.trust or ["intel"]):
         if name == "intel":
@@ -307,16 +310,26 @@ def _verify(args: argparse.Namespace) -> int:
         else:
             platform = SimulationPlatform.load(args.platform or default_platform_dir())
             anchors.append(simulation_anchor(platform))
-    if len(quote) >= 8 and struct.unpack_from("<I", quote, 4)[0] == _TEE_TDX:
+    certificate = quote.lstrip().startswith(b"-----BEGIN CERTIFICATE-----") or quote[:1] == b"\x30"
+    if certificate:
+        try:
+            verified = verify_ratls_certificate(quote, anchors, now=now, collateral=collateral)
+        except AttestationError as exc:
+            raise AttestationError(
+                f"{args.quote}: RA-TLS certificate does not verify: {exc}", check=exc.check
+            ) from None
+        print("RA-TLS certificate: its quote verifies and binds the certificate's key")
+    elif len(quote) >= 8 and struct.unpack_from("<I", quote, 4)[0] == _TEE_TDX:
         if collateral is not None:
             raise UsageError("--collateral: TDX TCB levels are not evaluated (SGX only)")
         return _verify_tdx(args.quote, quote, anchors, now)
-    try:
-        verified = verify_quote(quote, anchors, now=now, collateral=collateral)
-    except AttestationError as exc:
-        raise AttestationError(
-            f"{args.quote}: quote does not verify: {exc}", check=exc.check
-        ) from None
+    else:
+        try:
+            verified = verify_quote(quote, anchors, now=now, collateral=collateral)
+        except AttestationError as exc:
+            raise AttestationError(
+                f"{args.quote}: quote does not verify: {exc}", check=exc.check
+            ) from None
     ident = verified.identity
     note = " (SIMULATED: no hardware isolation)" if verified.simulated else ""
     print(f"Verified against the {verified.anchor} trust anchor{note}")
@@ -346,17 +359,6 @@ def _verify_tdx(path: Path, quote: bytes, anchors: list[TrustAnchor], now: datet
     print(f"ReportData: {v.report_data.hex()}")
     print(f"TCBStatus: {v.tcb_status}")
     return 0
-
-
-def _read_collateral(path: Path) -> Collateral:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        return parse_collateral(data)
-    except AttestationError as exc:
-        raise AttestationError(f"{path}: {exc}", check=exc.check) from None
 
 
 def _parse_time(text: str) -> datetime:

@@ -10,18 +10,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from meshproxy.attestation import describe_coordinator_policy
 from meshproxy.cli._common import (
     add_coordinator_options,
     add_user_options,
+    attest,
     connect,
+    file_name,
     read_file,
     saved_root_path,
     user_identity,
     write_output,
 )
 from meshproxy.coordinator import _wire as wire
-from meshproxy.coordinator.client import Connection, fetch_evidence
-from meshproxy.errors import ManifestError, UsageError
+from meshproxy.coordinator.client import Connection
+from meshproxy.errors import ManifestError, PolicyError, UsageError
 from meshproxy.manifest import parse_manifest
 from meshproxy.pki import cert_to_pem
 
@@ -65,8 +68,13 @@ def register(sub: Any) -> None:
         "verify",
         help="verify the whole cluster with one attestation",
         description="Verify the coordinator's quote (fresh nonce, bound root certificate), "
-        "then check that it enforces exactly FILE (SHA-256 fingerprint). Only then save the "
-        "root certificate, which later commands and clients pin. Exit 0 only if all holds.",
+        "check its enclave identity against the --policy file, then check that it enforces "
+        "exactly FILE (SHA-256 fingerprint). Only then save the root certificate, which "
+        "later commands and clients pin. Exit 0 only if all holds. The policy file (YAML or "
+        "JSON, MarbleRun's coordinator-era.json keys) pins UniqueID, or SignerID with "
+        "ProductID and a minimum SecurityVersion; Debug (allowed, default false); "
+        "AcceptedTCBStatuses; AcceptedAdvisories. Without --policy any coordinator enclave "
+        "on a trusted platform passes, and a warning says so.",
     )
     v.add_argument("file", type=Path, metavar="FILE")
     add_coordinator_options(v)
@@ -129,9 +137,7 @@ def save_recovery_secrets(secrets: dict[str, str], directory: Path) -> list[Path
     """Write each key's encrypted recovery secret (raw RSA-OAEP ciphertext, 0600)."""
     paths = []
     for name, value in sorted(secrets.items()):
-        if not name or "/" in name or name in (".", ".."):
-            raise UsageError(f"recovery key name {name!r} cannot be a file name")
-        path = directory / f"{name}{RECOVERY_SUFFIX}"
+        path = directory / f"{file_name(name, 'recovery key name')}{RECOVERY_SUFFIX}"
         write_output(path, base64.b64decode(value), private=True)
         paths.append(path)
     return paths
@@ -171,12 +177,19 @@ def _get(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     raw = read_file(args.file)
     expected = hashlib.sha256(raw).hexdigest()
-    evidence = fetch_evidence(
-        args.coordinator,
-        accept_simulation=args.accept_simulation,
-        platform_dir=args.platform_dir,
-        timeout=args.timeout,
-    )
+    if args.root is not None:
+        raise UsageError("manifest verify checks the coordinator's quote: --root is not used")
+    try:
+        evidence, policy = attest(args)
+    except PolicyError as exc:
+        raise PolicyError(f"{exc}; nothing saved") from None
+    if policy is None:
+        print(
+            "meshproxy: warning: no --policy: the coordinator's enclave identity (UniqueID, "
+            "or SignerID + ProductID + SecurityVersion) was not pinned, so any coordinator "
+            "enclave on a trusted platform passes; give --policy FILE",
+            file=sys.stderr,
+        )
     data = Connection(args.coordinator, evidence.root, args.timeout).request(
         "GET", wire.CLIENT_PATHS["manifest"]
     )
@@ -192,10 +205,16 @@ def _verify(args: argparse.Namespace) -> int:
     if args.output is not None:
         write_output(args.output, root_pem)
     mode = "SIMULATED (no hardware isolation)" if evidence.verified.simulated else "hardware"
+    pinned = (
+        f"policy {args.policy} holds: {describe_coordinator_policy(policy)}"
+        if policy is not None
+        else "identity NOT pinned (no --policy)"
+    )
     print(
         f"coordinator verified: {mode} quote, UniqueID {ident.unique_id.hex()}, "
         f"SignerID {ident.signer_id.hex()}, ProductID {ident.product_id}, "
         f"SecurityVersion {ident.security_version}, TCB {evidence.verified.tcb_status}\n"
+        f"coordinator identity: {pinned}\n"
         f"manifest verified: fingerprint {actual}\n"
         f"root certificate saved to {args.output or saved_root_path(args.coordinator)}"
     )
@@ -220,22 +239,21 @@ def _print_update(data: dict[str, Any], args: argparse.Namespace) -> None:
     _report_recovery(data.get("recoverySecrets") or {}, args.recovery_dir)
 
 
-def _apply(args: argparse.Namespace) -> int:
+def _send_update(args: argparse.Namespace, path: str) -> int:
     raw = read_file(args.file)
     data = connect(args, identity=user_identity(args)).request(
-        "POST", wire.CLIENT_PATHS["update"], {"manifest": wire.b64e(raw)}
+        "POST", wire.CLIENT_PATHS[path], {"manifest": wire.b64e(raw)}
     )
     _print_update(data or {}, args)
     return 0
+
+
+def _apply(args: argparse.Namespace) -> int:
+    return _send_update(args, "update")
 
 
 def _ack(args: argparse.Namespace) -> int:
-    raw = read_file(args.file)
-    data = connect(args, identity=user_identity(args)).request(
-        "POST", wire.CLIENT_PATHS["update_manifest"], {"manifest": wire.b64e(raw)}
-    )
-    _print_update(data or {}, args)
-    return 0
+    return _send_update(args, "update_manifest")
 
 
 def _cancel(args: argparse.Namespace) -> int:

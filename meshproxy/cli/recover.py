@@ -13,10 +13,10 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from meshproxy.cli._common import add_coordinator_options, load_root, read_file
+from meshproxy.cli._common import add_coordinator_options, read_file, trusted_root
 from meshproxy.coordinator import _wire as wire
 from meshproxy.coordinator import recovery_padding, sign_recovery_secret
-from meshproxy.coordinator.client import Connection, fetch_evidence
+from meshproxy.coordinator.client import Connection
 from meshproxy.errors import UsageError
 
 
@@ -82,15 +82,7 @@ def _run(args: argparse.Namespace) -> int:
     key = _private_key(args.key)
     share = decrypt_secret(read_file(args.secret, "--secret"), key, str(args.secret))
     signature = sign_recovery_secret(share, key)
-    if args.root is not None:
-        root = load_root(args.root)
-    else:
-        root = fetch_evidence(
-            args.coordinator,
-            accept_simulation=args.accept_simulation,
-            platform_dir=args.platform_dir,
-            timeout=args.timeout,
-        ).root
+    root = trusted_root(args, use_saved=False)
     data = Connection(args.coordinator, root, args.timeout).request(
         "POST",
         wire.CLIENT_PATHS["recover"],

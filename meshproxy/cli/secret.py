@@ -16,6 +16,7 @@ from meshproxy.cli._common import (
     add_coordinator_options,
     add_user_options,
     connect,
+    file_name,
     read_file,
     user_identity,
     write_output,
@@ -89,8 +90,7 @@ def _quote(name: str) -> str:
 
 
 def _write_secret(directory: Path, name: str, secret: dict[str, Any]) -> list[Path]:
-    if not name or "/" in name or name in (".", ".."):
-        raise UsageError(f"secret name {name!r} cannot be a file name")
+    file_name(name, "secret name")
 
     def raw(field: str) -> bytes | None:
         value = secret.get(field)

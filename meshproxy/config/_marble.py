@@ -3,8 +3,12 @@
 Parsed once, strictly: unknown keys, malformed addresses, duplicate names and colliding
 listeners are ``ConfigError``s naming the file and key path. Relative paths are taken
 from the config file's directory, except ``admin.socket``, which is relative to
-``workdir``. Features that are designed but not built yet (``users`` clients, hardware
-attestation providers) are refused with a message saying so, never silently downgraded.
+``workdir``. Features that are designed but not built yet (``users`` clients) are refused
+with a message saying so, never silently downgraded. ``attestation.provider`` is
+``simulation`` (needs the signed ``enclave`` description, re-measured at start) or a
+hardware provider, ``gramine`` or ``occlum``, whose devices are under ``device_dir``
+(default ``/dev``: ``/dev/attestation``, ``/dev/sgx``); there the hardware measures the
+enclave, so ``enclave`` is refused.
 Options that only make sense for some protocols (``app_protocol`` and ``routes`` for
 ``http``, ``proxy_protocol`` for ``tcp`` and ``hbone``) are errors on the others.
 """
@@ -55,6 +59,7 @@ class CoordinatorConfig:
     address: Address
     root_cert: Path | None
     activation_timeout: float
+    policy: Path | None = None  # the coordinator identity to require (manifest verify's format)
 
 
 @dataclass(frozen=True)
@@ -66,10 +71,36 @@ class MarbleSection:
 
 @dataclass(frozen=True)
 class AttestationConfig:
-    provider: str
+    provider: str  # simulation | gramine | occlum
     accept_simulation: bool
-    enclave: Path | None
+    enclave: Path | None  # the signed description; simulation only
     platform_dir: Path | None  # None: the attestation package's default
+    device_dir: Path = Path("/dev")  # gramine, occlum: where attestation/ and sgx are
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """A listener's TLS: 1.3 only and no session tickets unless configured (``tls:``).
+
+    Tickets are off by default for forward secrecy inside the enclave: a ticket key that
+    leaks decrypts every session resumed with it.
+    """
+
+    min_version: str = "1.3"  # "1.2" | "1.3"
+    session_tickets: bool = False
+
+
+@dataclass(frozen=True)
+class HttpTimeouts:
+    """``timeouts:`` of a ``protocol: http`` or ``hbone`` listener (both directions).
+
+    ``idle``: a connection with no request in progress is closed (Envoy's default, 1 h);
+    ``header``: a request head that started arriving must be complete (10 s, the time
+    Linkerd gives a client to show its protocol): slowloris clients are cut off.
+    """
+
+    idle: float = 3600.0
+    header: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +113,8 @@ class InboundConfig:
     app_protocol: str = "http1"  # protocol http: how the app's socket speaks (http1 | h2c)
     proxy_protocol: str | None = None  # tcp, hbone: "v2" sends a PROXY v2 header first
     routes: tuple[RouteRule, ...] = ()  # protocol http: narrows the manifest's Mesh.Routes
+    tls: TLSConfig = TLSConfig()
+    timeouts: HttpTimeouts = HttpTimeouts()  # protocol http, hbone
 
 
 @dataclass(frozen=True)
@@ -91,6 +124,8 @@ class OutboundConfig:
     peer: str
     sni: str | None
     protocol: str = "tcp"  # tcp | http | hbone
+    tls: TLSConfig = TLSConfig()
+    timeouts: HttpTimeouts = HttpTimeouts()  # protocol http, hbone
 
 
 @dataclass(frozen=True)
@@ -157,14 +192,20 @@ def parse_marble_config(root: Node, *, base_dir: Path, source: Path) -> MarbleCo
 
 # -- sections -----------------------------------------------------------------------------
 def _coordinator(node: Node, base: Path) -> CoordinatorConfig:
-    m = node.mapping(["address", "root_cert", "activation_timeout"], required=["address"])
+    m = node.mapping(["address", "root_cert", "activation_timeout", "policy"], required=["address"])
     timeout = DEFAULT_ACTIVATION_TIMEOUT
     if _given(m, "activation_timeout"):
         timeout = parse_duration(m["activation_timeout"])
+    if _given(m, "root_cert") and _given(m, "policy"):
+        m["policy"].fail(
+            "give root_cert or policy, not both: a pinned root is trusted as is, a policy "
+            "checks the coordinator's quote"
+        )
     return CoordinatorConfig(
         address=parse_address(m["address"], allow_port_zero=False),
         root_cert=_path(m["root_cert"], base) if _given(m, "root_cert") else None,
         activation_timeout=timeout,
+        policy=_path(m["policy"], base) if _given(m, "policy") else None,
     )
 
 
@@ -182,25 +223,34 @@ def _marble(node: Node, base: Path) -> MarbleSection:
 
 def _attestation(node: Node, base: Path) -> AttestationConfig:
     m = node.mapping(
-        ["provider", "accept_simulation", "enclave", "platform_dir"], required=["provider"]
+        ["provider", "accept_simulation", "enclave", "platform_dir", "device_dir"],
+        required=["provider"],
     )
     provider = m["provider"].choice(["simulation", "gramine", "occlum"])
-    if provider != "simulation":
-        m["provider"].fail(f"attestation provider {provider} is not available yet (use simulation)")
-    if not _given(m, "enclave"):
-        node.fail("missing required key 'enclave' (the signed enclave description)")
+    if provider == "simulation":
+        if not _given(m, "enclave"):
+            node.fail("missing required key 'enclave' (the signed enclave description)")
+        if "device_dir" in m:
+            m["device_dir"].fail("device_dir is only for the gramine and occlum providers")
+    elif "enclave" in m:
+        m["enclave"].fail(
+            f"the signed enclave description is for provider simulation; under {provider} "
+            "the hardware measures the enclave (MRENCLAVE): remove 'enclave'"
+        )
+    device_dir = _path(m["device_dir"], base) if _given(m, "device_dir") else Path("/dev")
     return AttestationConfig(
         provider=provider,
         accept_simulation=_given(m, "accept_simulation") and m["accept_simulation"].bool(),
-        enclave=_path(m["enclave"], base),
+        enclave=_path(m["enclave"], base) if provider == "simulation" else None,
         platform_dir=_path(m["platform_dir"], base) if _given(m, "platform_dir") else None,
+        device_dir=device_dir,
     )
 
 
 def _inbound(node: Node) -> InboundConfig:
     m = node.mapping(
         ["name", "listen", "protocol", "clients", "allow", "app_protocol", "proxy_protocol",
-         "routes"],
+         "routes", "tls", "timeouts"],
         required=["name", "listen"],
     )  # fmt: skip
     protocol = m["protocol"].choice(["tcp", "http", "hbone"]) if _given(m, "protocol") else "tcp"
@@ -238,6 +288,8 @@ def _inbound(node: Node) -> InboundConfig:
         app_protocol=app_protocol,
         proxy_protocol=proxy_protocol,
         routes=routes,
+        tls=_tls(m["tls"]) if _given(m, "tls") else TLSConfig(),
+        timeouts=_timeouts(m, protocol),
     )
 
 
@@ -272,14 +324,45 @@ def _route(node: Node, allow: tuple[str, ...] | None) -> RouteRule:
 
 def _outbound(node: Node) -> OutboundConfig:
     m = node.mapping(
-        ["name", "upstream", "peer", "sni", "protocol"], required=["name", "upstream", "peer"]
+        ["name", "upstream", "peer", "sni", "protocol", "tls", "timeouts"],
+        required=["name", "upstream", "peer"],
     )
     upstream = parse_address(m["upstream"], allow_port_zero=False)
     sni = _dns_name(m["sni"]) if _given(m, "sni") else None
     if sni is None and not upstream.is_ip:
         sni = upstream.host
     protocol = m["protocol"].choice(["tcp", "http", "hbone"]) if _given(m, "protocol") else "tcp"
-    return OutboundConfig(_name(m["name"]), upstream, _marble_type(m["peer"]), sni, protocol)
+    tls = _tls(m["tls"]) if _given(m, "tls") else TLSConfig()
+    return OutboundConfig(
+        _name(m["name"]), upstream, _marble_type(m["peer"]), sni, protocol, tls=tls,
+        timeouts=_timeouts(m, protocol),
+    )  # fmt: skip
+
+
+def _timeouts(m: dict[str, Node], protocol: str) -> HttpTimeouts:
+    if not _given(m, "timeouts"):
+        return HttpTimeouts()
+    if protocol == "tcp":
+        m["timeouts"].fail("timeouts are for protocol: http and hbone (this listener is tcp)")
+    t = m["timeouts"].mapping(["idle", "header"])
+    return HttpTimeouts(
+        idle=parse_duration(t["idle"]) if _given(t, "idle") else HttpTimeouts.idle,
+        header=parse_duration(t["header"]) if _given(t, "header") else HttpTimeouts.header,
+    )
+
+
+def _tls(node: Node) -> TLSConfig:
+    m = node.mapping(["min_version", "session_tickets"])
+    version = "1.3"
+    if _given(m, "min_version"):
+        v = m["min_version"]
+        # unquoted in YAML, 1.2 is a number: take it as the version it spells
+        if isinstance(v.value, float) and v.value in (1.2, 1.3):
+            version = str(v.value)
+        else:
+            version = v.choice(["1.2", "1.3"])
+    tickets = _given(m, "session_tickets") and m["session_tickets"].bool()
+    return TLSConfig(min_version=version, session_tickets=tickets)
 
 
 def _admin(node: Node | None, workdir: Path) -> Path:

@@ -23,7 +23,8 @@ Client API (MarbleRun's ``/api/v2`` shapes; "user" = a manifest user's client ce
 Mesh API:
 
 * ``POST marble/nonce`` -> ``{"nonce"}``; ``POST marble/activate`` ``{"marbleType",
-  "uuid", "csr", "quote", "nonce"}`` -> certificate, intermediate, root, parameters, mesh;
+  "uuid", "csr", "quote", "nonce"}`` -> certificate, intermediate, root, parameters, mesh,
+  sealingKey (the marble's 16-byte virtual sealing key, base64);
 * ``POST marble/renew``: the same request as activate, with a fresh nonce and quote, by a
   running marble -> ``{"certificate", "intermediate", "root", "mesh", "simulation"}``: a
   new leaf under the current intermediate (not counted against MaxActivations; for a
@@ -31,13 +32,15 @@ Mesh API:
   reason when the marble no longer satisfies the manifest (HTTP 403);
 * ``POST replica/key``: an attested peer replica asks for the state key (``_replica``).
 
-Nonces live in the replica that issued them: behind a load balancer, a marble's nonce and
-its activate/renew request must reach the same replica (one client connection does).
+Nonces are stateless MACs under a key every replica of a cluster derives (``_nonce``): a
+marble may get its nonce from one replica and activate or renew at another; each nonce is
+accepted once across all replicas (claims in etcd).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -50,7 +53,7 @@ from aiohttp import web
 from meshproxy.coordinator import _wire as wire
 from meshproxy.coordinator._admin import Admin, NotFound, UpdateStatus
 from meshproxy.coordinator._auth import Unauthenticated
-from meshproxy.coordinator._core import ActivationRequest, CoordinatorCore
+from meshproxy.coordinator._core import ActivationRequest, ActivationResult, CoordinatorCore
 from meshproxy.coordinator._usersecrets import BadUpload
 from meshproxy.errors import (
     AttestationError,
@@ -66,6 +69,7 @@ log = logging.getLogger("meshproxy.coordinator.api")
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 KeyServer = Callable[[dict[str, Any]], dict[str, Any]]
+Answer = tuple[ActivationResult, tuple[str, str, dict[str, Any]]]
 MAX_BODY = 1 << 20
 
 
@@ -76,6 +80,11 @@ class Api:
         self.key_server: KeyServer | None = None  # set by a replica that shares its key
         # One worker thread is the core's mutex and keeps crypto off the event loop.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="core")
+        # Activations waiting for the worker go to it together (one hop, one commit).
+        self._queued: list[tuple[ActivationRequest, datetime, asyncio.Future[Answer]]] = []
+        self._draining = False
+        self._drainer: asyncio.Task[None] | None = None  # a reference keeps the task alive
+        self._parts: tuple[tuple[object, ...], tuple[str, str, dict[str, Any]]] | None = None
 
     async def call(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn)
@@ -113,14 +122,19 @@ class Api:
 
     # -- public handlers ---------------------------------------------------------------------
     async def status(self, request: web.Request) -> web.Response:
+        from cryptography.hazmat.primitives.hashes import SHA256
+
         await self.call(self.core.sync)
         code, message = self.core.status()
+        # Running marbles poll this to learn of an update (a new intermediate) and renew.
+        intermediate = self.core.intermediate.cert.fingerprint(SHA256()).hex()
         return _ok(
             {
                 "code": code,
                 "message": message,
                 "simulation": self.core.simulation,
                 "activations": self.core.activation_counts(),
+                "intermediate": intermediate,
             }
         )
 
@@ -230,12 +244,15 @@ class Api:
     # -- mesh handlers -----------------------------------------------------------------------
     async def nonce(self, request: web.Request) -> web.Response:
         now = datetime.now(UTC)
+        if self.core.shares_store:  # first adopt what other replicas committed
 
-        def work() -> bytes:
-            self.core.sync()
-            return self.core.new_nonce(now=now)
+            def work() -> bytes:
+                self.core.sync()
+                return self.core.new_nonce(now=now)
 
-        nonce = await self.call(work)
+            nonce = await self.call(work)
+        else:  # an HMAC under the state's root secret: no need to queue for the worker
+            nonce = self.core.new_nonce(now=now)
         return _ok({"nonce": wire.b64e(nonce)})
 
     def _activation_request(self, body: dict[str, Any]) -> ActivationRequest:
@@ -272,14 +289,7 @@ class Api:
         now = datetime.now(UTC)
         peer = request.remote
         try:
-            result, inter, root, mesh = await self.call(
-                lambda: (
-                    self.core.activate(req, now=now),
-                    cert_to_pem(self.core.intermediate.cert).decode(),
-                    cert_to_pem(self.core.root.cert).decode(),
-                    self._mesh(),
-                )
-            )
+            result, (inter, root, mesh) = await self._activate(req, now)
         except MeshError as exc:
             log.warning(
                 "activation refused",
@@ -308,8 +318,55 @@ class Api:
                 },
                 "mesh": mesh,
                 "simulation": result.simulated,
+                "sealingKey": wire.b64e(result.sealing_key.reveal()),
             }
         )
+
+    async def _activate(self, req: ActivationRequest, now: datetime) -> Answer:
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._queued.append((req, now, future))
+        if not self._draining:
+            self._draining = True
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        """Hand every queued activation to the worker at once, until none is left."""
+        try:
+            while self._queued:
+                batch, self._queued = self._queued, []
+                try:
+                    outcomes = await self.call(functools.partial(self._activate_batch, batch))
+                except BaseException as exc:  # a bug: every waiter of the batch gets it
+                    for *_, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    raise
+                for (*_, future), outcome in zip(batch, outcomes, strict=True):
+                    if future.done():  # the client went away
+                        continue
+                    if isinstance(outcome, MeshError):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+        finally:
+            self._draining = False
+
+    def _activate_batch(
+        self, batch: list[tuple[ActivationRequest, datetime, asyncio.Future[Answer]]]
+    ) -> list[Answer | MeshError]:
+        results = self.core.activate_many([(req, now) for req, now, _ in batch])
+        parts = self._answer_parts()
+        return [r if isinstance(r, MeshError) else (r, parts) for r in results]
+
+    def _answer_parts(self) -> tuple[str, str, dict[str, Any]]:
+        """Intermediate and root PEM and the mesh policy, made again only when they change."""
+        key = (self.core.intermediate.cert, self.core.root.cert, self.core.manifest)
+        if self._parts is None or any(a is not b for a, b in zip(key, self._parts[0], strict=True)):
+            inter = cert_to_pem(self.core.intermediate.cert).decode()
+            root = cert_to_pem(self.core.root.cert).decode()
+            self._parts = (key, (inter, root, self._mesh()))
+        return self._parts[1]
 
     async def renew(self, request: web.Request) -> web.Response:
         req = self._activation_request(await _json(request))

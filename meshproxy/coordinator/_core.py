@@ -31,21 +31,26 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from meshproxy._redact import Secret
 from meshproxy.attestation import (
+    EvidenceCache,
     PackagePolicy,
     QuoteProvider,
     TrustAnchor,
     VerifiedQuote,
     check_package,
+    ratls_claims_for_spki,
+    ratls_extension,
     verify_quote,
 )
 from meshproxy.coordinator import _recovery, _secrets
 from meshproxy.coordinator._auth import Owner, Unauthenticated
+from meshproxy.coordinator._nonce import LocalUsedNonces, NonceBook, UsedNonces, nonce_id
 from meshproxy.coordinator._persist import PersistentState
 from meshproxy.coordinator._recovery import Recoverer, RecoveryInfo
+from meshproxy.coordinator._sealkey import marble_sealing_key
 from meshproxy.coordinator._state import MESSAGES, Event, State, advance, require
 from meshproxy.coordinator._store import StoreConflict
 from meshproxy.coordinator._updates import effective, log_line
-from meshproxy.errors import AttestationError, PKIError, PolicyError, StoreError
+from meshproxy.errors import AttestationError, MeshError, PKIError, PolicyError, StoreError
 from meshproxy.manifest import (
     Manifest,
     Marble,
@@ -68,8 +73,6 @@ from meshproxy.pki import (
 )
 
 log = logging.getLogger("meshproxy.coordinator")
-NONCE_TTL = timedelta(seconds=60)
-MAX_PENDING_NONCES = 10_000
 _CAS_ATTEMPTS = 50
 
 
@@ -87,6 +90,19 @@ class ActivationResult:
     leaf_pem: bytes
     parameters: RenderedParameters
     simulated: bool
+    sealing_key: Secret  # the marble's virtual sealing key (``_sealkey``)
+
+
+@dataclass(frozen=True)
+class _Attested:
+    """A request that passed attestation: what activation and renewal build on."""
+
+    instance: uuidlib.UUID
+    csr: x509.CertificateSigningRequest
+    verified: VerifiedQuote
+    evidence: x509.ExtensionType  # the leaf's RA-TLS extension
+    expires: datetime  # of its nonce
+    spki: bytes  # the CSR's public key, DER
 
 
 @dataclass(frozen=True)
@@ -110,8 +126,10 @@ class LockedState(Protocol):
 
 
 def report_data_for(public_key_der: bytes, nonce: bytes) -> bytes:
-    """What a quote's report data must hold: it binds a key to a coordinator nonce."""
-    return hashlib.sha256(public_key_der + nonce).digest()
+    """What a marble quote's report data must start with: SHA-256 of the RA-TLS claims
+    {"pubkey-hash": [1, SHA-256(SPKI)], "nonce": nonce}. It binds the key and the
+    coordinator's nonce, and is what an RA-TLS verifier checks in the leaf's evidence."""
+    return hashlib.sha256(ratls_claims_for_spki(public_key_der, nonce=nonce)).digest()
 
 
 def coordinator_report_data(root_der: bytes, nonce: bytes) -> bytes:
@@ -130,6 +148,7 @@ class CoordinatorCore:
         refresh: Callable[[], PersistentState | None] | None = None,
         locked: LockedState | None = None,
         owner: Owner | None = None,
+        used_nonces: UsedNonces | None = None,
     ) -> None:
         self._s = persistent
         self._commit = commit
@@ -137,9 +156,12 @@ class CoordinatorCore:
         self._locked = locked
         self._provider = provider
         self._anchors = tuple(anchors)
+        self._evidence = EvidenceCache()  # PCK chains and QE reports checked before
         self.simulation = simulation
         self.owner = owner
-        self._nonces: dict[bytes, datetime] = {}
+        # Replicas (a shared store) recognize each other's nonces; ``_nonce``.
+        self._nonce_book = NonceBook(shared=refresh is not None)
+        self._used_nonces = used_nonces or LocalUsedNonces()
         self._recoverer: Recoverer | None = None
         self.activated: dict[str, int] = {}  # since this process started, for status/metrics
         self._manifest = (
@@ -215,6 +237,11 @@ class CoordinatorCore:
     @property
     def persistent(self) -> PersistentState:
         return self._s
+
+    @property
+    def shares_store(self) -> bool:
+        """Other replicas write the same state (``sync`` before reading it)."""
+        return self._refresh is not None
 
     def status(self) -> tuple[int, str]:
         message = MESSAGES[self._s.state]
@@ -357,22 +384,18 @@ class CoordinatorCore:
 
     # -- activation ---------------------------------------------------------------------------
     def new_nonce(self, *, now: datetime) -> bytes:
+        """A nonce for one activation or renewal: an HMAC, no state (``_nonce``)."""
         require(self._s.state, "activate")
-        self._nonces = {n: t for n, t in self._nonces.items() if t > now}
-        if len(self._nonces) >= MAX_PENDING_NONCES:
-            raise PolicyError("too many pending activations; retry shortly")
-        nonce = os.urandom(32)
-        self._nonces[nonce] = now + NONCE_TTL
-        return nonce
+        return self._nonce_book.issue(self._s.root_secret, now)
 
     def _attest(
-        self, req: ActivationRequest, now: datetime, operation: str
-    ) -> tuple[uuidlib.UUID, x509.CertificateSigningRequest, VerifiedQuote]:
-        """Everything both activation and renewal check before the manifest's rules."""
+        self, req: ActivationRequest, now: datetime, operation: str, *, claim: bool = True
+    ) -> _Attested:
+        """Everything both activation and renewal check before the manifest's rules; also
+        the leaf's RA-TLS evidence extension (the quote and the claims it binds). With
+        ``claim`` the nonce is claimed here; else the caller claims it."""
         require(self._s.state, operation)
-        expiry = self._nonces.pop(req.nonce, None)
-        if expiry is None or expiry <= now:
-            raise PolicyError("activation nonce is unknown, used or expired; request a new one")
+        expires = self._nonce_book.check(self._s.root_secret, req.nonce, now)
         try:
             instance = uuidlib.UUID(req.uuid)
         except ValueError:
@@ -382,16 +405,21 @@ class CoordinatorCore:
         except PKIError as exc:
             raise PolicyError(f"bad CSR: {exc}") from None
         try:
-            verified = verify_quote(req.quote, self._anchors, now=now)
+            verified = verify_quote(req.quote, self._anchors, now=now, cache=self._evidence)
         except AttestationError as exc:
             raise PolicyError(f"quote verification failed ({exc.check}): {exc}") from None
-        expected = report_data_for(public_der(_ec_public(csr.public_key())), req.nonce)
-        if verified.report_data[:32] != expected:
+        spki = public_der(_ec_public(csr.public_key()))
+        claims = ratls_claims_for_spki(spki, nonce=req.nonce)
+        if verified.report_data[:32] != hashlib.sha256(claims).digest():
             raise PolicyError(
                 "quote does not bind this CSR's key and the coordinator's nonce (report data "
                 "mismatch): the quote was made for another key or activation"
             )
-        return instance, csr, verified
+        # Single use, across replicas: claimed only once the request is known to be good.
+        if claim and not self._used_nonces.claim([nonce_id(req.nonce)], expires, now):
+            raise PolicyError("activation nonce is unknown, used or expired; request a new one")
+        evidence = ratls_extension(req.quote, claims)
+        return _Attested(instance, csr, verified, evidence, expires, spki)
 
     def _check_marble(
         self, s: PersistentState, manifest: Manifest, marble_type: str, verified: VerifiedQuote
@@ -414,6 +442,7 @@ class CoordinatorCore:
         marble_type: str,
         instance: uuidlib.UUID,
         now: datetime,
+        evidence: x509.ExtensionType,
     ) -> x509.Certificate:
         return issue_leaf(
             s.intermediate,
@@ -425,50 +454,108 @@ class CoordinatorCore:
             lifetime=timedelta(seconds=manifest.mesh.certificate_lifetime),
             now=now,
             simulated=self.simulation,
+            evidence=evidence,
         )
 
     def activate(self, req: ActivationRequest, *, now: datetime) -> ActivationResult:
         """Attest a marble and issue what it gets; every refusal says why."""
+        result = self.activate_many([(req, now)])[0]
+        if isinstance(result, MeshError):
+            raise result
+        return result
+
+    def activate_many(
+        self, batch: Sequence[tuple[ActivationRequest, datetime]]
+    ) -> list[ActivationResult | MeshError]:
+        """Activations that arrived together: one result (or refusal) each, one commit.
+
+        Each request is attested on its own; the nonces of those that check out are
+        claimed together (one etcd transaction for replicas). Then one change computes
+        every activation in turn on the state its predecessors left, so MaxActivations
+        holds inside the batch, and the state with all counted activations is committed
+        once (group commit); on a lost compare-and-swap the whole change is recomputed on
+        the fresh state. No counted activation is answered before that commit; if it
+        fails, every counted one of the batch fails with it and memory keeps the state
+        of before.
+        """
         self.sync()
-        instance, csr, verified = self._attest(req, now, "activate")
-        out: list[ActivationResult] = []
+        results: list[ActivationResult | MeshError | None] = [None] * len(batch)
+        attested: dict[int, _Attested] = {}
+        for i, (req, now) in enumerate(batch):
+            try:
+                attested[i] = self._attest(req, now, "activate", claim=False)
+            except MeshError as exc:
+                results[i] = exc
+        if attested:
+            ids = {nonce_id(batch[i][0].nonce): i for i in attested}
+            expires = max(a.expires for a in attested.values())
+            claimed = self._used_nonces.claim(ids, expires, min(now for _, now in batch))
+            for nonce, i in ids.items():
+                if nonce not in claimed:
+                    del attested[i]
+                    results[i] = PolicyError(
+                        "activation nonce is unknown, used or expired; request a new one"
+                    )
 
         def change(s: PersistentState) -> PersistentState:
             # Recomputed from scratch if another replica committed meanwhile.
-            out.clear()
-            manifest = self.current_manifest()
-            marble = self._check_marble(s, manifest, req.marble_type, verified)
-            count = s.activations.get(req.marble_type, 0)
-            if marble.max_activations and count >= marble.max_activations:
-                raise PolicyError(
-                    f"marble type {req.marble_type!r} reached MaxActivations "
-                    f"({marble.max_activations})"
-                )
-            leaf = self._leaf(s, manifest, csr, req.marble_type, instance, now)
-            params = self._parameters(s, manifest, marble, str(instance), leaf, csr, now)
-            out.append(
-                ActivationResult(leaf.public_bytes(Encoding.PEM), params, verified.simulated)
-            )
-            if not marble.max_activations:
-                return s
-            # Counted activations are committed before the marble gets anything, so a crash
-            # can lose an activation's answer but never let one exceed MaxActivations.
-            uuids = s.instances.get(req.marble_type, [])
-            return replace(
-                s,
-                activations={**s.activations, req.marble_type: count + 1},
-                instances={
-                    **s.instances,
-                    req.marble_type: uuids if str(instance) in uuids else [*uuids, str(instance)],
-                },
-            )
+            for i, a in attested.items():
+                req, now = batch[i]
+                try:
+                    s, results[i] = self._activation(s, req, a, now)
+                except MeshError as exc:  # refused (or unanswerable): this one alone
+                    results[i] = exc
+            return s
 
-        if self._needs_commit(req.marble_type):
-            self.transact(change)
+        counted = [i for i in attested if self._needs_commit(batch[i][0].marble_type)]
+        if counted:
+            try:
+                self.transact(change)
+            except MeshError as exc:  # memory keeps the state of before the batch
+                for i in counted:
+                    if not isinstance(results[i], MeshError):
+                        results[i] = exc
         else:
             change(self._s)
-        self.activated[req.marble_type] = self.activated.get(req.marble_type, 0) + 1
-        return out[0]
+        out: list[ActivationResult | MeshError] = []
+        for (req, _), result in zip(batch, results, strict=True):
+            assert result is not None
+            if not isinstance(result, MeshError):
+                self.activated[req.marble_type] = self.activated.get(req.marble_type, 0) + 1
+            out.append(result)
+        return out
+
+    def _activation(
+        self, s: PersistentState, req: ActivationRequest, a: _Attested, now: datetime
+    ) -> tuple[PersistentState, ActivationResult]:
+        """One activation on state ``s``: the next state and what the marble gets."""
+        manifest = self.current_manifest()
+        marble = self._check_marble(s, manifest, req.marble_type, a.verified)
+        count = s.activations.get(req.marble_type, 0)
+        if marble.max_activations and count >= marble.max_activations:
+            raise PolicyError(
+                f"marble type {req.marble_type!r} reached MaxActivations ({marble.max_activations})"
+            )
+        leaf = self._leaf(s, manifest, a.csr, req.marble_type, a.instance, now, a.evidence)
+        params = self._parameters(s, manifest, marble, str(a.instance), leaf, a.spki, now)
+        sealing_key = marble_sealing_key(s.root_secret, req.marble_type, a.instance)
+        result = ActivationResult(
+            leaf.public_bytes(Encoding.PEM), params, a.verified.simulated, sealing_key
+        )
+        if not marble.max_activations:
+            return s, result
+        # Counted activations are committed before the marble gets anything, so a crash
+        # can lose an activation's answer but never let one exceed MaxActivations.
+        uuids = s.instances.get(req.marble_type, [])
+        instance = str(a.instance)
+        return replace(
+            s,
+            activations={**s.activations, req.marble_type: count + 1},
+            instances={
+                **s.instances,
+                req.marble_type: uuids if instance in uuids else [*uuids, instance],
+            },
+        ), result
 
     def _needs_commit(self, marble_type: str) -> bool:
         marble = self.current_manifest().marbles.get(marble_type)
@@ -481,7 +568,8 @@ class CoordinatorCore:
         this cluster activated. Refused when the marble no longer satisfies the manifest.
         """
         self.sync()
-        instance, csr, verified = self._attest(req, now, "renew")
+        a = self._attest(req, now, "renew")
+        instance, csr, verified, evidence = a.instance, a.csr, a.verified, a.evidence
         s, manifest = self._s, self.current_manifest()
         marble = self._check_marble(s, manifest, req.marble_type, verified)
         if marble.max_activations and str(instance) not in s.instances.get(req.marble_type, []):
@@ -489,7 +577,7 @@ class CoordinatorCore:
                 f"marble {instance} of type {req.marble_type!r} was never activated by this "
                 "cluster: activate it (renewal is only for running marbles)"
             )
-        leaf = self._leaf(s, manifest, csr, req.marble_type, instance, now)
+        leaf = self._leaf(s, manifest, csr, req.marble_type, instance, now, evidence)
         return RenewalResult(leaf.public_bytes(Encoding.PEM), verified.simulated)
 
     def _parameters(
@@ -499,13 +587,14 @@ class CoordinatorCore:
         marble: Marble,
         instance: str,
         leaf: x509.Certificate,
-        csr: x509.CertificateSigningRequest,
+        spki: bytes,
         now: datetime,
     ) -> RenderedParameters:
+        used = _used_secrets(manifest, marble)
         unset = [
             name
             for name, spec in manifest.secrets.items()
-            if spec.user_defined and name not in s.user_secrets and _uses(marble, name)
+            if spec.user_defined and name not in s.user_secrets and name in used
         ]
         if unset:
             raise PolicyError(
@@ -522,6 +611,7 @@ class CoordinatorCore:
             marble_type=marble.name,
             instance=instance,
             now=now,
+            only=used,
         )
         previous = _secrets.previous_for_marble(
             manifest,
@@ -530,6 +620,7 @@ class CoordinatorCore:
             s.previous_root_secret,
             marble_type=marble.name,
             instance=instance,
+            only=used,
         )
         data = TemplateData(
             secrets=secrets,
@@ -542,12 +633,26 @@ class CoordinatorCore:
                 "MarbleCert": SecretValue(
                     type="cert",
                     cert=leaf,
-                    public=public_der(_ec_public(csr.public_key())),
+                    public=spki,
                     private=None,
                 ),
             },
         )
         return render_parameters(marble, data)
+
+
+_USED: dict[tuple[str, str], frozenset[str]] = {}
+
+
+def _used_secrets(manifest: Manifest, marble: Marble) -> frozenset[str]:
+    """The secrets a marble's templates name: the only ones made for its activation."""
+    key = (manifest.fingerprint, marble.name)
+    used = _USED.get(key)
+    if used is None:
+        if len(_USED) > 1024:
+            _USED.clear()
+        used = _USED[key] = frozenset(n for n in manifest.secrets if _uses(marble, n))
+    return used
 
 
 def _uses(marble: Marble, secret: str) -> bool:

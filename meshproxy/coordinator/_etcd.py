@@ -8,16 +8,25 @@ Keys under the prefix (default ``/meshproxy/``): ``state`` holds the sealed stat
 write is a transaction comparing the key's ``mod_revision`` with the revision the writer
 read (0 = absent), so a replica that read stale state loses with ``StoreConflict`` and
 recomputes. ``members/<id>`` holds each replica's mesh address, so that a new replica can
-find a peer to ask for the state key. Endpoints are tried in turn until one answers.
+find a peer to ask for the state key. ``nonces/<id>`` records each activation nonce used
+(``_nonce``), created only if absent and kept under a lease that outlives the nonce, so a
+nonce is accepted once across all replicas. Endpoints are tried in turn until one answers.
+
+TLS: ``https://`` endpoints are verified against ``ca`` (default: the system's CAs); with
+``cert`` and ``key`` the store presents a client certificate (etcd ``--client-cert-auth``).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import ssl
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -34,11 +43,49 @@ def _prefix_end(prefix: bytes) -> bytes:
     return prefix[:-1] + bytes([prefix[-1] + 1])
 
 
+_TXN_OPS = 64  # etcd refuses transactions of more than 128 operations by default
+
+
+@dataclass(frozen=True)
+class EtcdTLS:
+    """Files for TLS to etcd: CA bundle to verify it, client certificate and key."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    def context(self) -> ssl.SSLContext:
+        if (self.cert is None) != (self.key is None):
+            raise StoreError("--etcd-cert and --etcd-key go together: give both or neither")
+        try:
+            ctx = ssl.create_default_context(cafile=str(self.ca) if self.ca else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise StoreError(f"--etcd-ca {self.ca}: {_ssl_reason(exc)}") from None
+        if self.cert is not None and self.key is not None:
+            try:
+                ctx.load_cert_chain(self.cert, self.key)
+            except (OSError, ssl.SSLError) as exc:
+                raise StoreError(
+                    f"--etcd-cert {self.cert} with --etcd-key {self.key}: {_ssl_reason(exc)}"
+                ) from None
+        return ctx
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    return getattr(exc, "strerror", None) or str(exc)
+
+
 class EtcdStore:
     shared = True
 
     def __init__(
-        self, endpoints: Sequence[str], prefix: str = "/meshproxy/", timeout: float = 5.0
+        self,
+        endpoints: Sequence[str],
+        prefix: str = "/meshproxy/",
+        timeout: float = 5.0,
+        tls: EtcdTLS | None = None,
     ) -> None:
         if not endpoints:
             raise StoreError("--etcd-endpoints: at least one URL is needed")
@@ -46,11 +93,19 @@ class EtcdStore:
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise StoreError(f"etcd endpoint {url!r} is not an http(s)://HOST:PORT URL")
+        tls = tls or EtcdTLS()
+        if tls != EtcdTLS() and not all(u.startswith("https://") for u in endpoints):
+            raise StoreError(
+                "--etcd-ca/--etcd-cert/--etcd-key are for TLS: every --etcd-endpoints URL "
+                "must then be https://"
+            )
+        self._ssl = tls.context()
         self.endpoints = [u.rstrip("/") for u in endpoints]
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         self.timeout = timeout
         self._good = 0
         self._key = f"{self.prefix}state".encode()
+        self._lease: tuple[str, datetime] | None = None  # nonce claims: id, valid until
 
     @property
     def where(self) -> str:
@@ -61,6 +116,13 @@ class EtcdStore:
 
     # -- transport -----------------------------------------------------------------------
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST to the first endpoint that answers.
+
+        Another endpoint is tried only when the request cannot have reached etcd (the
+        connection or the sending failed). A transaction whose answer was lost after it
+        was sent may have been applied: sent again it would lose its compare (its own
+        write changed the revision) and a compare-and-swap caller would count twice, so
+        that is a ``StoreError`` ("outcome unknown") instead."""
         payload = json.dumps(body).encode()
         errors = []
         for i in range(len(self.endpoints)):
@@ -70,13 +132,26 @@ class EtcdStore:
                 url, data=payload, headers={"Content-Type": "application/json"}, method="POST"
             )
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310
+                with urllib.request.urlopen(  # noqa: S310
+                    req, timeout=self.timeout, context=self._ssl
+                ) as resp:
                     doc = json.loads(resp.read())
             except urllib.error.HTTPError as exc:
                 detail = exc.read()[:200].decode("utf-8", "replace")
                 raise StoreError(f"etcd {url}: HTTP {exc.code}: {detail}") from None
             except (OSError, ValueError) as exc:
-                errors.append(f"{self.endpoints[index]}: {getattr(exc, 'reason', exc)}")
+                if path == "/v3/kv/txn" and not isinstance(exc, urllib.error.URLError):
+                    raise StoreError(
+                        f"etcd {url}: the answer to a transaction was lost ({exc}); its "
+                        "outcome is unknown"
+                    ) from None
+                cause = exc if isinstance(exc, ssl.SSLError) else getattr(exc, "reason", exc)
+                reason = str(cause)
+                if isinstance(cause, ssl.SSLError):
+                    reason = f"TLS failed ({_ssl_reason(cause)})"
+                    if "ALERT" in reason:
+                        reason += ": etcd refused this client (--etcd-cert/--etcd-key)"
+                errors.append(f"{self.endpoints[index]}: {reason}")
                 continue
             self._good = index
             if not isinstance(doc, dict):
@@ -147,6 +222,46 @@ class EtcdStore:
             except (KeyError, ValueError, UnicodeDecodeError):
                 continue
         return out
+
+    # -- nonce claims (``_nonce.UsedNonces``) -----------------------------------------------
+    def claim(self, ids: Iterable[bytes], expires: datetime, now: datetime) -> set[bytes]:
+        """Create ``nonces/<id>`` for each id not yet there; the ids created are claimed."""
+        todo = list(dict.fromkeys(ids))
+        lease = self._nonce_lease(expires, now)
+        claimed: set[bytes] = set()
+        for i in range(0, len(todo), _TXN_OPS):
+            chunk = todo[i : i + _TXN_OPS]
+            if self._create_all(chunk, lease):
+                claimed.update(chunk)
+            elif len(chunk) > 1:  # one of them was used: claim them one by one
+                claimed.update(n for n in chunk if self._create_all([n], lease))
+        return claimed
+
+    def _create_all(self, ids: list[bytes], lease: str) -> bool:
+        keys = [_b64(f"{self.prefix}nonces/{n.hex()}".encode()) for n in ids]
+        doc = self._post(
+            "/v3/kv/txn",
+            {
+                "compare": [
+                    {"key": k, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
+                    for k in keys
+                ],
+                "success": [{"request_put": {"key": k, "value": "", "lease": lease}} for k in keys],
+            },
+        )
+        return bool(doc.get("succeeded"))
+
+    def _nonce_lease(self, expires: datetime, now: datetime) -> str:
+        """A lease that outlives ``expires``; one is shared by the claims of a minute."""
+        if self._lease is None or self._lease[1] < expires:
+            ttl = max(int((expires - now).total_seconds()), 1) * 2 + 5
+            doc = self._post("/v3/lease/grant", {"TTL": str(ttl)})
+            try:
+                lease_id = str(int(doc["ID"]))
+            except (KeyError, ValueError, TypeError):
+                raise StoreError(f"{self.where}: malformed lease answer") from None
+            self._lease = (lease_id, now + timedelta(seconds=ttl - 5))
+        return self._lease[0]
 
     def close(self) -> None:
         pass

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from datetime import datetime, timedelta
 
 from cryptography import x509
@@ -57,11 +57,13 @@ def for_marble(
     marble_type: str,
     instance: str,
     now: datetime,
+    only: Container[str] | None = None,
 ) -> dict[str, SecretValue]:
+    """The shared secrets, and the marble's own (made now); with ``only``, just those."""
     out = dict(shared)
     marble = manifest.marbles[marble_type]
     for name, spec in manifest.secrets.items():
-        if spec.shared or spec.user_defined:
+        if spec.shared or spec.user_defined or (only is not None and name not in only):
             continue
         if spec.type == "symmetric-key":
             out[name] = derive(spec, root_secret, marble, instance)
@@ -78,6 +80,7 @@ def previous_for_marble(
     *,
     marble_type: str,
     instance: str,
+    only: Container[str] | None = None,
 ) -> dict[str, SecretValue]:
     """``.Previous.Secrets``: what the secrets were before the last root secret rotation.
 
@@ -90,6 +93,8 @@ def previous_for_marble(
     out = {**current, **{k: v for k, v in previous_shared.items() if k in current}}
     marble = manifest.marbles[marble_type]
     for name, spec in manifest.secrets.items():
+        if only is not None and name not in only:
+            continue
         if spec.type == "symmetric-key" and not (spec.shared or spec.user_defined):
             out[name] = derive(spec, previous_root_secret, marble, instance)
     return out

@@ -54,6 +54,7 @@ class SwitchingContext:
         self._identity = identity
         self._trusted = trusted
         self._cache: dict[bytes, ssl.SSLContext] = {}
+        self._last: tuple[Authority, tuple[bytes, ...], ssl.SSLContext] | None = None
         self.base = self._build()
         self.base.sni_callback = self._switch
 
@@ -66,6 +67,17 @@ class SwitchingContext:
         return h.digest(), identity, trusted
 
     def _build(self) -> ssl.SSLContext:
+        # Every handshake asks: the same root and users as last time is the same context.
+        identity = self._identity()
+        trusted = tuple(self._trusted()) if self._trusted is not None else ()
+        last = self._last
+        if last is not None and last[0] is identity and last[1] == trusted:
+            return last[2]
+        ctx = self._build_for()
+        self._last = (identity, trusted, ctx)
+        return ctx
+
+    def _build_for(self) -> ssl.SSLContext:
         key, identity, trusted = self._key()
         ctx = self._cache.get(key)
         if ctx is None:

@@ -8,19 +8,23 @@ nonce; only then is the root pinned for every further request. A user authentica
 a client certificate (``ClientIdentity``).
 
 ``activate`` and ``renew`` attest the same way (``POST /api/v2/marble/nonce``, then a quote
-whose report data is SHA-256(public key || nonce), and a CSR for the key). ``renew`` is for
-a running marble whose leaf nears its end (the proxy renews at 70 % of its lifetime): it
+whose report data is SHA-256 of the RA-TLS claims {"pubkey-hash": [1, SHA-256(SPKI)],
+"nonce": nonce}, and a CSR for the key); the coordinator puts that quote and those claims
+into the leaf's RA-TLS extension (2.23.133.5.4.9), so RA-TLS verifiers can check a marble.
+``renew`` is for a running marble whose leaf nears its end (the proxy renews at 70 % of its
+lifetime): it
 posts to ``/api/v2/marble/renew`` and gets a new leaf for its key under the cluster's
 current intermediate, plus that intermediate and the mesh policy; it is not counted against
 MaxActivations. It is refused (``CoordinatorError``, HTTP 403, with the reason) when the
 marble no longer satisfies the manifest, e.g. after a package update raised its minimum
-SecurityVersion or a manifest update removed its type. Nonce and attested request must
-reach the same coordinator replica (nonces are kept per replica).
+SecurityVersion or a manifest update removed its type. Nonce and attested request may
+reach different replicas of a cluster (every replica checks every replica's nonces).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.client
 import json
@@ -28,7 +32,7 @@ import os
 import socket
 import ssl
 import uuid as uuidlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,18 +42,29 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from meshproxy._redact import Secret
 from meshproxy.attestation import (
+    Collateral,
+    CoordinatorPolicy,
     QuoteProvider,
     SimulationPlatform,
     TrustAnchor,
     VerifiedQuote,
+    check_coordinator,
     default_platform_dir,
     intel_anchor,
+    ratls_report_data,
     simulation_anchor,
     verify_quote,
 )
 from meshproxy.coordinator import _wire as wire
-from meshproxy.errors import AttestationError, ConnectError, CoordinatorError, PKIError
+from meshproxy.errors import (
+    AttestationError,
+    ConnectError,
+    CoordinatorError,
+    PKIError,
+    PolicyError,
+)
 from meshproxy.manifest import RouteRule
 from meshproxy.pki import cert_to_pem, certs_from_pem, make_csr, public_der, verify_issued_by
 
@@ -108,6 +123,7 @@ class Activation:
     argv: tuple[str, ...]
     mesh: MeshPolicy
     simulated: bool
+    sealing_key: Secret | None = None  # None: the coordinator sent none (an older one)
 
     def __repr__(self) -> str:  # env and files may hold secrets
         return f"<Activation {self.marble_type} {self.uuid} files={len(self.files)}>"
@@ -150,9 +166,23 @@ class Connection:
         self.timeout = timeout
         self.identity = identity
         self.headers = dict(headers or {})
+        self._keep = False  # inside kept_open(): requests share one TLS connection
+        self._kept: http.client.HTTPSConnection | None = None
 
     def __repr__(self) -> str:
         return f"<Connection {self.address} pinned={self.root is not None}>"
+
+    @contextlib.contextmanager
+    def kept_open(self) -> Iterator[Connection]:
+        """Requests inside share one TLS connection (one handshake), closed at the end."""
+        self._keep = True
+        try:
+            yield self
+        finally:
+            self._keep = False
+            if self._kept is not None:
+                self._kept.close()
+                self._kept = None
 
     def _context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -173,15 +203,18 @@ class Connection:
         return ctx
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
-        conn = http.client.HTTPSConnection(
-            self.host, self.port, timeout=self.timeout, context=self._context()
-        )
+        conn, self._kept = self._kept, None
         where = f"coordinator {self.address}"
+        reuse = False
         try:
-            conn.connect()
-            presented = conn.sock.getpeercert(binary_form=True) if conn.sock else None
-            if self.root is not None and presented != self.root.public_bytes(Encoding.DER):
-                raise PKIError(f"{where} does not present the pinned root certificate")
+            if conn is None:
+                conn = http.client.HTTPSConnection(
+                    self.host, self.port, timeout=self.timeout, context=self._context()
+                )
+                conn.connect()
+                presented = conn.sock.getpeercert(binary_form=True) if conn.sock else None
+                if self.root is not None and presented != self.root.public_bytes(Encoding.DER):
+                    raise PKIError(f"{where} does not present the pinned root certificate")
             payload = json.dumps(body).encode() if body is not None else None
             headers = dict(self.headers)
             if payload:
@@ -189,6 +222,7 @@ class Connection:
             conn.request(method, path, body=payload, headers=headers)
             resp = conn.getresponse()
             raw = resp.read()
+            reuse = self._keep and not resp.will_close
         except ssl.SSLCertVerificationError as exc:
             raise PKIError(
                 f"{where} presented a certificate that does not chain to the pinned root "
@@ -208,7 +242,10 @@ class Connection:
         except (OSError, http.client.HTTPException) as exc:
             raise ConnectError(f"cannot reach {where}: {_reason(exc)}") from None
         finally:
-            conn.close()
+            if reuse:
+                self._kept = conn
+            elif conn is not None:
+                conn.close()
         try:
             doc = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -257,8 +294,10 @@ def fetch_evidence(
     platform_dir: Path | None = None,
     timeout: float = 10.0,
     now: datetime | None = None,
+    collateral: Collateral | None = None,
 ) -> ClusterEvidence:
-    """Verify the coordinator's quote over a fresh nonce; return the root it binds."""
+    """Verify the coordinator's quote over a fresh nonce; return the root it binds. With
+    Intel ``collateral`` a hardware quote's TCB status is evaluated too."""
     now = now or datetime.now(UTC)
     nonce = os.urandom(32)
     q = base64.urlsafe_b64encode(nonce).decode().rstrip("=")
@@ -274,7 +313,8 @@ def fetch_evidence(
         raise PKIError(f"coordinator {address} sent {len(certs)} certificates, expected 2")
     intermediate, root = certs
     try:
-        verified = verify_quote(quote, anchors_for(accept_simulation, platform_dir, now), now=now)
+        anchors = anchors_for(accept_simulation, platform_dir, now)
+        verified = verify_quote(quote, anchors, now=now, collateral=collateral)
     except AttestationError as exc:
         if exc.check == "vendor" and not accept_simulation:
             raise AttestationError(
@@ -306,8 +346,7 @@ def _attested_body(
     """Nonce, then a quote binding our key and that nonce, then the CSR: what the mesh API
     needs to attest a marble (for activation and renewal alike)."""
     nonce = wire.b64d(conn.request("POST", wire.MESH_PATHS["nonce"], {})["nonce"], "nonce")
-    report_data = hashlib.sha256(public_der(key) + nonce).digest()
-    quote = provider.get_quote(report_data)
+    quote = provider.get_quote(ratls_report_data(key.public_key(), nonce=nonce))
     csr = make_csr(key, marble_type, dns_names)
     return {
         "marbleType": marble_type,
@@ -330,25 +369,35 @@ def activate(
     accept_simulation: bool,
     platform_dir: Path | None,
     timeout: float = 10.0,
+    policy: CoordinatorPolicy | None = None,
 ) -> Activation:
-    """One activation attempt (ARCHITECTURE section 5). Blocking."""
+    """One activation attempt (ARCHITECTURE section 5). Blocking. Without a pinned
+    ``root`` the coordinator's quote is verified, and its identity checked against
+    ``policy`` (a ``PolicyError`` naming the field: not worth retrying)."""
     if root is None:
-        root = fetch_evidence(
+        evidence = fetch_evidence(
             address,
             accept_simulation=accept_simulation,
             platform_dir=platform_dir,
             timeout=timeout,
-        ).root
+        )
+        if policy is not None:
+            try:
+                check_coordinator(evidence.verified, policy)
+            except PolicyError as exc:
+                raise PolicyError(f"coordinator {address} refused by policy: {exc}") from None
+        root = evidence.root
     conn = Connection(address, root, timeout)
-    body = _attested_body(
-        conn,
-        marble_type=marble_type,
-        instance=instance,
-        key=key,
-        dns_names=dns_names,
-        provider=provider,
-    )
-    data = conn.request("POST", wire.MESH_PATHS["activate"], body)
+    with conn.kept_open():  # nonce and activation: one TLS handshake
+        body = _attested_body(
+            conn,
+            marble_type=marble_type,
+            instance=instance,
+            key=key,
+            dns_names=dns_names,
+            provider=provider,
+        )
+        data = conn.request("POST", wire.MESH_PATHS["activate"], body)
     try:
         leaf = certs_from_pem(data["certificate"].encode())[0]
         intermediate = certs_from_pem(data["intermediate"].encode())[0]
@@ -365,6 +414,11 @@ def activate(
             argv=tuple(str(a) for a in params["argv"]),
             mesh=_mesh_policy(mesh),
             simulated=bool(data["simulation"]),
+            sealing_key=(
+                Secret(wire.b64d(data["sealingKey"], "sealingKey"))
+                if data.get("sealingKey") is not None
+                else None
+            ),
         )
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise ConnectError(f"coordinator {address} sent a malformed activation: {exc}") from None

@@ -171,8 +171,12 @@ def issue_leaf(
     lifetime: timedelta,
     now: datetime,
     simulated: bool,
+    evidence: x509.ExtensionType | None = None,
 ) -> x509.Certificate:
-    """A marble leaf for the CSR's key: SPIFFE ID + UUID URIs, DNS names, server+client auth."""
+    """A marble leaf for the CSR's key: SPIFFE ID + UUID URIs, DNS names, server+client auth.
+
+    ``evidence`` (the marble's RA-TLS extension, 2.23.133.5.4.9) is added non-critical:
+    OpenSSL and mbedTLS refuse certificates with unknown critical extensions."""
     check_marble_type(marble_type)
     sans: list[x509.GeneralName] = [
         x509.UniformResourceIdentifier(spiffe_id(trust_domain, marble_type)),
@@ -180,7 +184,7 @@ def issue_leaf(
         *_sans(list(dict.fromkeys(dns_names))),
     ]
     not_after = min(now + lifetime, issuer.cert.not_valid_after_utc)
-    return (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(_name(marble_type, simulated))
         .issuer_name(issuer.cert.subject)
@@ -213,8 +217,10 @@ def issue_leaf(
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), False
         )
-        .sign(issuer.key, hashes.SHA256())
     )
+    if evidence is not None:
+        builder = builder.add_extension(evidence, critical=False)
+    return builder.sign(issuer.key, hashes.SHA256())
 
 
 def verify_issued_by(cert: x509.Certificate, issuer: x509.Certificate, *, now: datetime) -> None:

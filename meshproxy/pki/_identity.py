@@ -9,13 +9,14 @@ chain (checked by the TLS library against the current intermediate) *and* by ide
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-
-from cryptography import x509
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING, Any
 
 from meshproxy.errors import PKIError, PolicyError
+
+if TYPE_CHECKING:  # loaded when a certificate is parsed (10 MB the proxy avoids at idle)
+    from cryptography import x509
 
 SIMULATION_MARK = "SIMULATION"
 _TYPE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -54,13 +55,45 @@ class PeerIdentity:
         return self.spiffe_id
 
 
-def identity_of(cert: x509.Certificate) -> PeerIdentity:
-    """The marble identity in a certificate; PKIError when it carries none."""
+@dataclass(frozen=True)
+class CertNames:
+    """The names an identity is read from: the subjectAltName URIs and the subject's
+    organizations, as a TLS library decoded them from a verified certificate (Python's
+    ``SSLObject.getpeercert()``), so checking a peer does not need ``cryptography``."""
+
+    uris: tuple[str, ...]
+    organizations: tuple[str, ...]
+
+    @classmethod
+    def from_ssl(cls, decoded: Mapping[str, Any]) -> CertNames:
+        """From ``getpeercert()``'s dict (empty when the peer was not verified)."""
+        san = decoded.get("subjectAltName") or ()
+        subject = decoded.get("subject") or ()
+        uris = tuple(str(v) for k, v in san if k == "URI")
+        orgs = tuple(str(v) for rdn in subject for k, v in rdn if k == "organizationName")
+        return cls(uris, orgs)
+
+
+def names_of(cert: x509.Certificate) -> CertNames:
+    """A certificate's names (PKIError when it has no subjectAltName)."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise PKIError("certificate has no subjectAltName: not a marble certificate") from None
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    orgs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    return CertNames(
+        tuple(san.get_values_for_type(x509.UniformResourceIdentifier)),
+        tuple(str(o.value) for o in orgs),
+    )
+
+
+def identity_of(cert: x509.Certificate | CertNames) -> PeerIdentity:
+    """The marble identity in a certificate; PKIError when it carries none."""
+    names = cert if isinstance(cert, CertNames) else names_of(cert)
+    uris = names.uris
     spiffe = [u for u in uris if u.startswith("spiffe://")]
     if len(spiffe) != 1:
         raise PKIError(f"certificate must carry exactly one SPIFFE URI, found {len(spiffe)}")
@@ -70,13 +103,12 @@ def identity_of(cert: x509.Certificate) -> PeerIdentity:
     if kind != "marble" or not marble_type or "/" in marble_type:
         raise PKIError(f"SPIFFE ID {spiffe[0]!r} is not a marble identity")
     uuids = [u[len("urn:uuid:") :] for u in uris if u.startswith("urn:uuid:")]
-    orgs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
-    simulated = any(SIMULATION_MARK in str(o.value) for o in orgs)
+    simulated = any(SIMULATION_MARK in o for o in names.organizations)
     return PeerIdentity(spiffe[0], domain, marble_type, uuids[0] if uuids else None, simulated)
 
 
 def check_peer(
-    cert: x509.Certificate | bytes,
+    cert: x509.Certificate | bytes | CertNames,
     *,
     trust_domain: str,
     allowed_types: Collection[str],
@@ -84,6 +116,8 @@ def check_peer(
 ) -> PeerIdentity:
     """Accept a chain-verified peer only if it is one of ``allowed_types`` in our domain."""
     if isinstance(cert, bytes):
+        from cryptography import x509
+
         try:
             cert = x509.load_der_x509_certificate(cert)
         except ValueError:

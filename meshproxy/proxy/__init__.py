@@ -15,6 +15,7 @@ from meshproxy.proxy._relay import (
     RelayResult,
     UnixStream,
     bind_unix_socket,
+    connect_unix,
     relay,
 )
 
@@ -32,5 +33,6 @@ __all__ = [
     "RelayResult",
     "UnixStream",
     "bind_unix_socket",
+    "connect_unix",
     "relay",
 ]

@@ -129,32 +129,26 @@ def account(
     """A closed fast-path connection's counters into /metrics, as the Python path counts."""
     labels = _req_labels("inbound", listener, peer_id)
     if stats["requests"]:
-        metrics.requests.labels(*labels).inc(stats["requests"])
+        metrics.requests.add(labels, stats["requests"])
     for status, grpc, ok, count, timed, buckets, sum_ms in stats["outcomes"]:
         code = str(status) if status else ""
         klass = f"{status // 100}xx" if status else ""
         grpc_label = "" if grpc is None else str(grpc)
         outcome = "success" if ok else "failure"
-        metrics.responses.labels(*labels, code, klass, outcome, grpc_label).inc(count)
+        metrics.responses.add((*labels, code, klass, outcome, grpc_label), count)
         if timed:
-            hist = metrics.latency.labels(*labels, str(status))
-            # Histogram.observe() one value at a time; here the engine's bucket counts
-            # (the same bounds, LATENCY_BUCKETS + Inf) go in at once.
-            hist._sum.inc(sum_ms)
-            for i, n in enumerate(buckets):
-                if n:
-                    hist._buckets[i].inc(n)
+            metrics.latency.observe_many((*labels, str(status)), buckets, sum_ms)
     if routed:
         for label, n in zip(policy.route_labels, stats["rule_allow"], strict=True):
             if n:
-                metrics.http_allow.labels(listener, peer_id, label).inc(n)
+                metrics.http_allow.add((listener, peer_id, label), n)
         for label, n in zip(policy.route_labels, stats["rule_deny"], strict=True):
             if n:
-                metrics.http_deny.labels(listener, peer_id, label, "403").inc(n)
+                metrics.http_deny.add((listener, peer_id, label, "403"), n)
         if stats["deny_nomatch"]:
-            metrics.http_deny.labels(listener, peer_id, "", "403").inc(stats["deny_nomatch"])
+            metrics.http_deny.add((listener, peer_id, "", "403"), stats["deny_nomatch"])
         if stats["deny_badpath"]:
-            metrics.http_deny.labels(listener, peer_id, "", "400").inc(stats["deny_badpath"])
+            metrics.http_deny.add((listener, peer_id, "", "400"), stats["deny_badpath"])
     if stats["goaway"] == 0xB:
         metrics.goaway("inbound", listener, "rapid_reset")
     elif stats["goaway"] is not None:

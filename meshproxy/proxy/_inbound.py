@@ -15,14 +15,17 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshproxy.errors import MeshError
 from meshproxy.pki import PeerIdentity, check_peer
 from meshproxy.proxy import _proxyproto
 from meshproxy.proxy._metrics import Connection, ProxyMetrics
-from meshproxy.proxy._relay import ConnectionSet, UnixStream, relay
-from meshproxy.proxy.http import InboundHttp, serve_inbound_http
+from meshproxy.proxy._relay import ConnectionSet, UnixStream, connect_unix, relay
 from meshproxy.tls import TLSStream, describe_error
+
+if TYPE_CHECKING:  # the HTTP layer (h2, h11) is loaded only when a listener speaks HTTP
+    from meshproxy.proxy.http import InboundHttp
 
 log = logging.getLogger("meshproxy.proxy.inbound")
 
@@ -55,6 +58,10 @@ class InboundListener:
         self._metrics = metrics
         self._server: asyncio.Server | None = None
         self._port = spec.port
+
+    def set_context(self, ctx: ssl.SSLContext) -> None:
+        """Rotation: new connections use ``ctx``; open ones keep the context they have."""
+        self._ctx = ctx
 
     async def start(self) -> tuple[str, int]:
         """Listen; returns the address actually bound."""
@@ -101,31 +108,41 @@ class InboundListener:
             await stream.aclose()
             return
         peer: PeerIdentity | None = None
+        denied: str | None = None
         if spec.clients == "marbles":
             try:
                 peer = check_peer(
-                    stream.peer_certificate() or b"",
+                    stream.peer_names(),
                     trust_domain=spec.trust_domain,
                     allowed_types=spec.allow,
                     role="client",
                 )
             except MeshError as exc:
-                self._refuse(fields, str(exc))
-                await stream.aclose()
-                return
+                if spec.http is not None and spec.http.mode == "hbone":
+                    from meshproxy.proxy.http import hbone_caller
+
+                    peer = hbone_caller(stream.peer_names(), spec.trust_domain)
+                if peer is None:
+                    self._refuse(fields, str(exc))
+                    await stream.aclose()
+                    return
+                denied = str(exc)  # HBONE: of our domain, not allowed: 401 per CONNECT
             fields |= {"peer": peer.spiffe_id, "peer_uuid": peer.uuid}
         else:
             fields["peer"] = "anonymous"
         log.info("inbound accepted", extra={"event": "inbound.accept", **fields})
         if spec.http is not None:
+            from meshproxy.proxy.http import serve_inbound_http
+
             await serve_inbound_http(
                 stream, listener=spec.name, app_socket=spec.app_socket, settings=spec.http,
-                peer=peer, metrics=self._metrics, log_fields=fields,
+                peer=peer, denied=denied, metrics=self._metrics, log_fields=fields,
             )  # fmt: skip
             return
         counted = self._count(peer)
         try:
-            reader, writer = await asyncio.open_unix_connection(str(spec.app_socket))
+            app = await connect_unix(spec.app_socket)
+            reader, writer = await asyncio.open_unix_connection(sock=app)
         except OSError as exc:
             log.warning(
                 "app is not listening",

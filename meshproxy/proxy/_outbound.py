@@ -14,15 +14,19 @@ import contextlib
 import logging
 import ssl
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from meshproxy.errors import MeshError
 from meshproxy.pki import check_peer, spiffe_id
 from meshproxy.proxy._metrics import ProxyMetrics
 from meshproxy.proxy._relay import ConnectionSet, UnixStream, bind_unix_socket, relay
-from meshproxy.proxy.http import OutboundHttp, serve_outbound_http
 from meshproxy.tls import connect
+
+if TYPE_CHECKING:  # the HTTP layer (h2, h11) is loaded only when a listener speaks HTTP
+    from meshproxy.proxy.http import OutboundHttp
 
 log = logging.getLogger("meshproxy.proxy.outbound")
 
@@ -54,6 +58,15 @@ class OutboundListener:
         self._metrics = metrics
         self._server: asyncio.Server | None = None
 
+    def set_context(
+        self, ctx: ssl.SSLContext, http: Mapping[str, ssl.SSLContext] | None = None
+    ) -> None:
+        """Rotation: new connections use ``ctx`` (``http``: the HTTP layer's contexts per
+        ALPN protocol); open ones, and pooled HTTP/2 connections, keep theirs."""
+        self._ctx = ctx
+        if http is not None and self.spec.http is not None:
+            self.spec = replace(self.spec, http=replace(self.spec.http, contexts=http))
+
     async def start(self) -> Path:
         sock = bind_unix_socket(self.spec.socket_path)
         self._server = await asyncio.start_unix_server(self._accepted, sock=sock)
@@ -81,6 +94,8 @@ class OutboundListener:
         fields: dict[str, object] = {"listener": spec.name, "upstream": upstream}
         peer_id = spiffe_id(spec.trust_domain, spec.peer)
         if spec.http is not None:
+            from meshproxy.proxy.http import serve_outbound_http
+
             await serve_outbound_http(
                 app, listener=spec.name, host=spec.host, port=spec.port, sni=spec.sni,
                 peer=spec.peer, peer_id=peer_id, trust_domain=spec.trust_domain,
@@ -100,7 +115,7 @@ class OutboundListener:
             return
         try:
             peer = check_peer(
-                stream.peer_certificate() or b"",
+                stream.peer_names(),
                 trust_domain=spec.trust_domain,
                 allowed_types=(spec.peer,),
                 role="server",

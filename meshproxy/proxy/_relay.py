@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -25,6 +26,8 @@ from meshproxy.errors import ConfigError
 from meshproxy.tls import CHUNK, describe_error
 
 log = logging.getLogger("meshproxy.proxy")
+
+APP_CONNECT_TIMEOUT = 5.0  # the app's accept backlog full for this long: refuse
 
 
 class ByteStream(Protocol):
@@ -158,3 +161,31 @@ def bind_unix_socket(path: Path) -> socket.socket:
         sock.close()
         raise ConfigError(f"{path}: cannot listen: {exc.strerror or exc}") from None
     return sock
+
+
+async def connect_unix(path: Path, timeout: float = APP_CONNECT_TIMEOUT) -> socket.socket:
+    """A connected non-blocking Unix socket to the app, for either backend.
+
+    Not ``loop.sock_connect``/``open_unix_connection``: on AF_UNIX a full accept backlog
+    fails a non-blocking connect() with EAGAIN (never EINPROGRESS), which asyncio raises
+    as an error (and uvloop's sock_connect reports as success on a socket that is not
+    connected). A burst larger than the app's backlog is not "the app is not listening":
+    retry the way a blocking connect() would wait, for at most ``timeout`` seconds.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        delay, waited = 0.001, 0.0
+        while True:
+            try:
+                sock.connect(str(path))
+                return sock
+            except BlockingIOError:
+                if waited >= timeout:
+                    raise OSError(errno.EAGAIN, "the app's accept backlog stays full") from None
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 0.05)
+    except BaseException:
+        sock.close()
+        raise

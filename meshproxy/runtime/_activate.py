@@ -35,16 +35,26 @@ ATTEMPT_TIMEOUT = 10.0
 
 
 def quote_provider(cfg: MarbleConfig) -> QuoteProvider:
-    """Re-measure the enclave and build the provider; refuses to run on a mismatch."""
+    """The configured provider. Simulation re-measures the enclave first and refuses to
+    run on a mismatch; under Gramine or Occlum the hardware measured it at launch."""
     from meshproxy.attestation import (
         SimulationPlatform,
         SimulationProvider,
         check_measurement,
         default_platform_dir,
         load_signed,
+        provider_for,
     )
 
     att = cfg.attestation
+    if att.provider != "simulation":
+        provider = provider_for(att.provider, device_root=att.device_dir)
+        log.info(
+            "hardware quote provider",
+            extra={"event": "attestation.provider", "provider": att.provider,
+                   "device_dir": str(att.device_dir)},
+        )  # fmt: skip
+        return provider
     assert att.enclave is not None  # the config requires it for simulation
     log.warning(
         "SIMULATION MODE: quotes come from a simulated platform; there is NO hardware "
@@ -150,12 +160,24 @@ def activate(
             root = cert_from_pem(cfg.coordinator.root_cert.read_bytes(), "coordinator.root_cert")
         except OSError as exc:
             raise ConfigError(f"coordinator.root_cert {cfg.coordinator.root_cert}: {exc}") from None
+    policy = None
+    if cfg.coordinator.policy is not None:
+        from meshproxy.attestation import load_coordinator_policy
+
+        policy = load_coordinator_policy(cfg.coordinator.policy)
     instance = instance_uuid(cfg.marble.uuid_file)
     address = str(cfg.coordinator.address)
+    if root is None and policy is None:
+        log.warning(
+            "the coordinator's identity is not pinned: set coordinator.policy (or root_cert); "
+            "any coordinator enclave on a trusted platform is accepted",
+            extra={"event": "activation.unpinned", "coordinator": address},
+        )
     log.info(
         "activating",
         extra={"event": "activation.start", "coordinator": address, "uuid": str(instance),
-               "marble_type": cfg.marble.type, "pinned_root": root is not None},
+               "marble_type": cfg.marble.type, "pinned_root": root is not None,
+               "policy": str(cfg.coordinator.policy) if policy is not None else None},
     )  # fmt: skip
 
     def attempt(per_attempt: float) -> Activation:
@@ -170,9 +192,11 @@ def activate(
             accept_simulation=cfg.attestation.accept_simulation,
             platform_dir=cfg.attestation.platform_dir,
             timeout=per_attempt,
+            policy=policy,
         )
 
     activation = activate_with_retry(address, attempt, timeout=cfg.coordinator.activation_timeout)
+    install_sealing_key(provider, activation)
     log.info(
         "activated",
         extra={"event": "activation.done", "uuid": activation.uuid,
@@ -180,6 +204,24 @@ def activate(
                "env_names": len(activation.env)},
     )  # fmt: skip
     return activation
+
+
+def install_sealing_key(provider: QuoteProvider, activation: Activation) -> None:
+    """Under Gramine, give the encrypted mounts of ``enclave gramine-manifest`` (key name
+    ``SEAL_KEY_NAME``) the marble's virtual sealing key, before the app can open them.
+    Other providers have no such interface: the key is not used there."""
+    from meshproxy.attestation import SEAL_KEY_NAME, GramineProvider
+
+    if not isinstance(provider, GramineProvider):
+        return
+    if activation.sealing_key is None:
+        raise CoordinatorError(
+            "the coordinator sent no sealing key for this marble's Gramine encrypted mounts; "
+            "upgrade the coordinator"
+        )
+    path = provider.install_key(SEAL_KEY_NAME, activation.sealing_key)
+    log.info("sealing key installed", extra={"event": "attestation.sealing_key",
+                                             "path": str(path)})  # fmt: skip
 
 
 def write_files(files_root: Path, files: Mapping[str, bytes]) -> list[Path]:

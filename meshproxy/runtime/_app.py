@@ -172,4 +172,5 @@ class Supervisor:
                     self._kill_timer.cancel()
                 self._exit.set_result(code)
             else:
-                log.info("orphan reaped", extra={"event": "app.reaped", "pid": pid, "code": code})
+                # an orphan of the app, or the proxy's attestation agent (``_agent``)
+                log.info("child reaped", extra={"event": "app.reaped", "pid": pid, "code": code})

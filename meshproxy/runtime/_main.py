@@ -13,19 +13,20 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import ssl
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import uvloop
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshproxy import __version__
 from meshproxy._log import setup as setup_logging
 from meshproxy.config import MarbleConfig, load_marble_config
+from meshproxy.config._marble import InboundConfig, OutboundConfig
 from meshproxy.errors import PolicyError, UsageError
-from meshproxy.pki import cert_to_pem, certs_to_pem, generate_key, key_to_pem, spiffe_id
+from meshproxy.pki import spiffe_id
 from meshproxy.proxy import (
     AdminServer,
     ConnectionSet,
@@ -37,11 +38,10 @@ from meshproxy.proxy import (
     OutboundSpec,
     ProxyMetrics,
 )
-from meshproxy.proxy._h2native import ALPN as H2_ALPN
-from meshproxy.proxy._h2native import NativeHttpInboundListener, uses_fast_path
-from meshproxy.proxy.http import InboundHttp, OutboundHttp, RoutePolicy, resolve_routes, with_alpn
-from meshproxy.runtime._activate import activate, quote_provider, write_files
+from meshproxy.runtime import _agent
+from meshproxy.runtime._agent import Activated, AgentRenewal, MeshView, Renewal
 from meshproxy.runtime._app import Supervisor, app_environment, become_subreaper
+from meshproxy.runtime._renew import Lease, Renewed, Renewer
 from meshproxy.tls import (
     NativeEngine,
     TLSIdentity,
@@ -55,7 +55,11 @@ from meshproxy.tls import (
 )
 
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from meshproxy._native_tls import Context
     from meshproxy.coordinator.client import Activation, MeshPolicy
+    from meshproxy.proxy.http import RoutePolicy
 
 log = logging.getLogger("meshproxy.runtime")
 
@@ -78,8 +82,26 @@ class RunPlan:
     routes: Mapping[str, RoutePolicy] = field(default_factory=dict)  # http listener -> rules
 
 
-def run(config_path: Path, app_argv: Sequence[str]) -> int:
-    """``meshproxy run``: returns the app's exit status."""
+def _speaks_http(cfg: MarbleConfig) -> bool:
+    """Whether any listener needs the HTTP layer (h2, h11), which is loaded only then."""
+    return any(i.protocol != "tcp" for i in cfg.inbound) or any(
+        o.protocol != "tcp" for o in cfg.outbound
+    )
+
+
+def run(
+    config_path: Path, app_argv: Sequence[str], *, pending: _agent.Pending | None = None
+) -> int:
+    """``meshproxy run``: returns the app's exit status. ``pending``: the agent, started
+    by the caller before this module was even imported (``cli.run``)."""
+    pending = pending or _agent.begin_activation(config_path)
+    try:
+        return _run(config_path, app_argv, pending)
+    finally:
+        pending.cancel()  # a no-op once it answered
+
+
+def _run(config_path: Path, app_argv: Sequence[str], pending: _agent.Pending) -> int:
     cfg = load_marble_config(config_path)
     setup_logging(cfg.log.level, cfg.log.format)
     log.info(
@@ -90,10 +112,36 @@ def run(config_path: Path, app_argv: Sequence[str]) -> int:
     backend = select_backend()
     log.info("TLS backend", extra={"event": "tls.backend", "backend": backend,
                                    "detail": describe_backend()})  # fmt: skip
-    provider = quote_provider(cfg)
-    key = generate_key()
-    activation = activate(cfg, key, provider)
-    return execute(cfg, activation, key, app_argv)
+    # Attesting (cryptography, the attestation package, the coordinator client) runs in
+    # the short-lived agent, so none of it stays in this long-lived process (_agent).
+    # The agent also writes the manifest's Files.
+    activated = _agent.activate(config_path, cfg.coordinator.activation_timeout, pending=pending)
+    if cfg.attestation.provider == "gramine":
+        _install_sealing_key(cfg, activated)
+    plan = plan_of(cfg, activated, app_argv)
+    source = AgentRenewal(
+        config_path, activated.uuid, activated.root_pem, cfg.coordinator.address.host,
+        cfg.coordinator.address.port,
+    )  # fmt: skip
+    return uvloop.run(serve(plan, (source, activated.lease)))
+
+
+def _install_sealing_key(cfg: MarbleConfig, activated: Activated) -> None:
+    """Gramine's encrypted mounts get the marble's sealing key in this process, the app's
+    parent; the agent installed it in its own (another enclave process under Gramine)."""
+    from meshproxy.attestation import SEAL_KEY_NAME, GramineProvider, provider_for
+    from meshproxy.errors import CoordinatorError
+
+    if activated.sealing_key is None:
+        raise CoordinatorError(
+            "the coordinator sent no sealing key for this marble's Gramine encrypted mounts; "
+            "upgrade the coordinator"
+        )
+    provider = provider_for("gramine", device_root=cfg.attestation.device_dir)
+    assert isinstance(provider, GramineProvider)
+    path = provider.install_key(SEAL_KEY_NAME, activated.sealing_key)
+    log.info("sealing key installed", extra={"event": "attestation.sealing_key",
+                                             "path": str(path)})  # fmt: skip
 
 
 def execute(
@@ -105,7 +153,10 @@ def execute(
     shutdown_grace: float = SHUTDOWN_GRACE,
     drain_grace: float = DRAIN_GRACE,
 ) -> int:
-    """Everything after activation: Files, listeners, the app, supervision."""
+    """Everything after an in-process activation: Files, listeners, the app, supervision
+    (no renewal: ``run`` renews through the agent)."""
+    from meshproxy.runtime._activate import write_files
+
     plan = make_plan(cfg, activation, key, app_argv)
     plan = dataclasses.replace(plan, shutdown_grace=shutdown_grace, drain_grace=drain_grace)
     cfg.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -118,17 +169,37 @@ def make_plan(
     cfg: MarbleConfig, activation: Activation, key: ec.EllipticCurvePrivateKey,
     app_argv: Sequence[str],
 ) -> RunPlan:  # fmt: skip
+    """The plan of an activation made in this process (``coordinator.client.Activation``)."""
+    from meshproxy.pki import cert_to_pem, certs_to_pem, key_to_pem
+    from meshproxy.runtime._renew import lease_of
+
+    identity = TLSIdentity(
+        chain_pem=certs_to_pem([activation.leaf, activation.intermediate]),
+        key_pem=key_to_pem(key),
+        trust_pem=cert_to_pem(activation.intermediate),
+    )
+    mesh = activation.mesh
+    activated = Activated(
+        uuid=activation.uuid, identity=identity, root_pem=cert_to_pem(activation.root),
+        files=activation.files, env=activation.env, argv=activation.argv,
+        mesh=MeshView(mesh.trust_domain, mesh.allow, {k: tuple(
+            {"path": r.path, "path_prefix": r.path_prefix, "methods": r.methods,
+             "allow": r.allow} for r in rules) for k, rules in mesh.routes.items()}),
+        lease=lease_of(activation.leaf, activation.intermediate), simulated=activation.simulated,
+    )  # fmt: skip
+    return plan_of(cfg, activated, app_argv)
+
+
+def plan_of(cfg: MarbleConfig, activated: Activated, app_argv: Sequence[str]) -> RunPlan:
+    """Everything the event loop needs from the config, the activation and the command."""
+    activation = activated
     argv = tuple(app_argv) or tuple(activation.argv)
     if not argv:
         raise UsageError(
             "no app to run: give it after '--' (meshproxy run --config FILE -- APP ARGV...) "
             f"or set Argv in the manifest's Parameters of marble {cfg.marble.type!r}"
         )
-    identity = TLSIdentity(
-        chain_pem=certs_to_pem([activation.leaf, activation.intermediate]),
-        key_pem=key_to_pem(key),
-        trust_pem=cert_to_pem(activation.intermediate),
-    )
+    identity = activated.identity
     ours = {
         "MESHPROXY_WORKDIR": str(cfg.workdir),
         "MESHPROXY_FILES_ROOT": str(cfg.files_root),
@@ -138,7 +209,7 @@ def make_plan(
            for o in cfg.outbound},
         "MARBLE_PREDEFINED_MARBLE_CERTIFICATE_CHAIN": identity.chain_pem.decode(),
         "MARBLE_PREDEFINED_ROOT_CA": identity.trust_pem.decode(),
-        "MARBLE_PREDEFINED_COORDINATOR_ROOT_CA": cert_to_pem(activation.root).decode(),
+        "MARBLE_PREDEFINED_COORDINATOR_ROOT_CA": activated.root_pem.decode(),
         # MarbleRun apps expect it; the app runs in the same enclave as this key.
         "MARBLE_PREDEFINED_PRIVATE_KEY": identity.key_pem.reveal().decode(),
     }  # fmt: skip
@@ -149,11 +220,21 @@ def make_plan(
         identity=identity,
         trust_domain=activation.mesh.trust_domain,
         allow=(allow := resolve_allow(cfg, activation.mesh)),
-        routes=resolve_routes(cfg, activation.mesh, allow),
+        routes=_routes(cfg, activation.mesh, allow),
     )
 
 
-def resolve_allow(cfg: MarbleConfig, mesh: MeshPolicy) -> dict[str, tuple[str, ...]]:
+def _routes(
+    cfg: MarbleConfig, mesh: MeshView, allow: Mapping[str, tuple[str, ...]]
+) -> dict[str, RoutePolicy]:
+    if not _speaks_http(cfg):
+        return {}
+    from meshproxy.proxy.http import resolve_routes
+
+    return resolve_routes(cfg, mesh, allow)
+
+
+def resolve_allow(cfg: MarbleConfig, mesh: MeshPolicy | MeshView) -> dict[str, tuple[str, ...]]:
     """Caller types per ``marbles`` listener: the config may narrow the manifest, never widen."""
     manifest = tuple(mesh.callers_of(cfg.marble.type))
     out: dict[str, tuple[str, ...]] = {}
@@ -178,13 +259,13 @@ def resolve_allow(cfg: MarbleConfig, mesh: MeshPolicy) -> dict[str, tuple[str, .
     return out
 
 
-async def serve(plan: RunPlan) -> int:
+async def serve(plan: RunPlan, renewal: tuple[AgentRenewal, Lease] | None = None) -> int:
     """Listeners, the app, readiness and supervision; returns the app's exit status."""
     cfg = plan.config
     connections = ConnectionSet()
-    ready = False
+    state = _Serving(plan)
     metrics = ProxyMetrics(tls_backend=active_backend())
-    admin = AdminServer(cfg.admin_socket, ready=lambda: ready, metrics=metrics)
+    admin = AdminServer(cfg.admin_socket, ready=lambda: state.ready, metrics=metrics)
     engine = NativeEngine() if active_backend() == "native" else None  # tcp listeners' TLS
     if engine is not None:
         log.info("native TLS engine started", extra={"event": "tls.engine",
@@ -195,35 +276,43 @@ async def serve(plan: RunPlan) -> int:
                     extra={"event": "runtime.subreaper"})  # fmt: skip
     supervisor = Supervisor(plan.argv, plan.env, grace=plan.shutdown_grace)
     supervisor.install()
+    renewer: asyncio.Task[None] | None = None
     try:
         await admin.start()
-        bound = {li.spec.name: _hostport(*await li.start()) for li in inbound}
-        sockets = {lo.spec.name: str(await lo.start()) for lo in outbound}
-        for name, where in {**bound, **sockets}.items():
-            log.info("listening", extra={"event": "listener.start", "listener": name,
-                                         "address": where})  # fmt: skip
+        await state.open(inbound, outbound)
         pid = supervisor.start()
         if supervisor.terminating.done():
             supervisor.terminate()
-        doc = {"inbound": bound, "outbound": sockets, "admin": str(cfg.admin_socket), "pid": pid}
-        await asyncio.to_thread(_write_ready, cfg.ready_file, doc)
+        state.doc["pid"] = pid
+        await asyncio.to_thread(_write_ready, cfg.ready_file, state.doc)
         if not supervisor.exited:
-            ready = True
+            state.ready = True
             log.info("ready", extra={"event": "runtime.ready", "pid": pid})
+        if renewal is not None:
+            renewer = asyncio.ensure_future(
+                _renewer(renewal, state, inbound, outbound, connections).run()
+            )
+            renewer.add_done_callback(_renewer_ended)
         waiter = asyncio.ensure_future(supervisor.wait())
         either: list[asyncio.Future[Any]] = [waiter, supervisor.terminating]
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-        ready = False
+        state.ready = False
         for li in inbound:
             li.stop_accepting()
         for lo in outbound:
             lo.stop_accepting()
+        for spec in [li.spec for li in inbound] + [lo.spec for lo in outbound]:
+            if spec.http is not None:  # HTTP/2 GOAWAY, HTTP/1.1 Connection: close
+                spec.http.drain.begin()
         code = await waiter
         dropped = await connections.drain(plan.drain_grace)
         log.info("exiting", extra={"event": "runtime.exit", "code": code, "dropped": dropped})
         return code
     finally:
-        ready = False
+        state.ready = False
+        if renewer is not None:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
         for li in inbound:
             li.stop_accepting()
         for lo in outbound:
@@ -238,31 +327,112 @@ async def serve(plan: RunPlan) -> int:
         cfg.ready_file.unlink(missing_ok=True)
 
 
+def _renewer_ended(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        # A bug: without renewal this marble is cut off when its certificate expires.
+        log.error("certificate renewal stopped", exc_info=task.exception(),
+                  extra={"event": "renewal.internal_error"})  # fmt: skip
+
+
+class _Serving:
+    """Readiness and the bound addresses (``ready.json``), across a cut-off and back."""
+
+    def __init__(self, plan: RunPlan) -> None:
+        self.plan = plan
+        self.ready = False
+        self.doc: dict[str, Any] = {"admin": str(plan.config.admin_socket)}
+
+    async def open(self, inbound: Sequence[Inbound], outbound: Sequence[Outbound]) -> None:
+        bound = {li.spec.name: _hostport(*await li.start()) for li in inbound}
+        sockets = {lo.spec.name: str(await lo.start()) for lo in outbound}
+        for name, where in {**bound, **sockets}.items():
+            log.info("listening", extra={"event": "listener.start", "listener": name,
+                                         "address": where})  # fmt: skip
+        self.doc.update({"inbound": bound, "outbound": sockets})
+
+
+def _renewer(
+    renewal: tuple[AgentRenewal, Lease],
+    state: _Serving,
+    inbound: Sequence[Inbound],
+    outbound: Sequence[Outbound],
+    connections: ConnectionSet,
+) -> Renewer:
+    source, lease = renewal
+    cfg = state.plan.config
+
+    async def renew() -> Renewed:
+        return await asyncio.to_thread(source.renew)
+
+    async def current() -> str | None:
+        return await asyncio.to_thread(source.current_intermediate)
+
+    async def apply(renewed: Renewed) -> None:
+        assert isinstance(renewed.payload, Renewal)
+        set_identity(renewed.payload.identity, cfg, inbound, outbound)
+        _set_allow(cfg, renewed.payload.mesh, inbound)
+        if cut_off_now.is_set():  # expired before: serve again
+            cut_off_now.clear()
+            await state.open(inbound, outbound)
+            await asyncio.to_thread(_write_ready, cfg.ready_file, state.doc)
+            state.ready = True
+
+    cut_off_now = asyncio.Event()
+
+    async def cut_off() -> None:
+        cut_off_now.set()
+        state.ready = False
+        for li in inbound:
+            li.stop_accepting()
+        for lo in outbound:
+            lo.stop_accepting()
+        await connections.drain(0)
+
+    return Renewer(lease, renew=renew, current_intermediate=current, apply=apply,
+                   cut_off=cut_off)  # fmt: skip
+
+
+def _set_allow(cfg: MarbleConfig, mesh: MeshView, inbound: Sequence[Inbound]) -> None:
+    """A manifest update may change Mesh.Allow: new connections follow it. When the
+    config's ``allow`` now names callers the manifest no longer allows, only the ones it
+    still allows are admitted (narrowed, never widened)."""
+    manifest = mesh.callers_of(cfg.marble.type)
+    by_name = {i.name: i for i in cfg.inbound}
+    for li in inbound:
+        c = by_name[li.spec.name]
+        if c.clients != "marbles":
+            continue
+        allowed = manifest if c.allow is None else tuple(t for t in c.allow if t in manifest)
+        if allowed != li.spec.allow:
+            log.warning("callers changed with the manifest", extra={
+                "event": "inbound.allow_changed", "listener": c.name,
+                "allow": list(allowed)})  # fmt: skip
+            li.spec = dataclasses.replace(li.spec, allow=allowed)
+
+
+Inbound = InboundListener | NativeInboundListener
+Outbound = OutboundListener | NativeOutboundListener
+
+
 def _listeners(
     plan: RunPlan,
     connections: ConnectionSet,
     metrics: ProxyMetrics | None = None,
     engine: NativeEngine | None = None,
-) -> tuple[
-    list[InboundListener | NativeInboundListener], list[OutboundListener | NativeOutboundListener]
-]:  # NativeHttpInboundListener is a NativeInboundListener
+) -> tuple[list[Inbound], list[Outbound]]:
     cfg = plan.config
-    mtls = public = None
-    inbound: list[InboundListener | NativeInboundListener] = []
+    if _speaks_http(cfg):
+        from meshproxy.proxy._h2native import NativeHttpInboundListener, uses_fast_path
+        from meshproxy.proxy.http import HttpLimits, InboundHttp, OutboundHttp, RoutePolicy
+    contexts = _Contexts(plan.identity)
+    inbound: list[Inbound] = []
     for i in cfg.inbound:
-        if i.clients == "marbles":
-            mtls = mtls or server_context(plan.identity, client_auth=True)
-            ctx = mtls
-        else:
-            public = public or server_context(plan.identity, client_auth=False)
-            ctx = public
         http = None
-        if i.protocol != "tcp":  # its own context: it selects ALPN h2 (or http/1.1)
-            alpn = ("h2",) if i.protocol == "hbone" else ("h2", "http/1.1")
-            ctx = with_alpn(server_context(plan.identity, client_auth=i.clients == "marbles"), alpn)
+        if i.protocol != "tcp":
             our_id = spiffe_id(plan.trust_domain, cfg.marble.type)
             http = InboundHttp(
                 i.app_protocol, our_id, plan.routes.get(i.name, RoutePolicy()),
+                HttpLimits(idle_timeout=i.timeouts.idle, header_timeout=i.timeouts.header),
                 mode=i.protocol, proxy_protocol=i.proxy_protocol == "v2",
             )  # fmt: skip
         spec = InboundSpec(
@@ -271,34 +441,111 @@ def _listeners(
             app_socket=cfg.inbound_socket(i.name), http=http,
             proxy_protocol=i.proxy_protocol == "v2" and i.protocol == "tcp",
         )  # fmt: skip
-        if engine is not None and uses_fast_path(http, engine):  # h2 -> h2c in C (proxy/_h2native)
-            nctx = native_server_context(
-                plan.identity, client_auth=i.clients == "marbles", alpn=H2_ALPN
-            )
+        if engine is not None and http is not None and uses_fast_path(http, engine):
+            # h2 -> h2c in C (proxy/_h2native); its context selects h2 or http/1.1
+            nctx = contexts.native_inbound(i)
             inbound.append(NativeHttpInboundListener(spec, nctx, engine, connections, metrics))
             continue
         if engine is not None and http is None:  # protocol tcp: the C engine relays it
-            nctx = native_server_context(plan.identity, client_auth=i.clients == "marbles")
+            nctx = contexts.native_inbound(i)
             inbound.append(NativeInboundListener(spec, nctx, engine, connections, metrics))
             continue
-        inbound.append(InboundListener(spec, ctx, connections, metrics))
-    client = client_context(plan.identity) if cfg.outbound else None
-    offers = {p: client_context(plan.identity, alpn=(p,)) for p in ("h2", "http/1.1")}
-    native_client = native_client_context(plan.identity) if engine and cfg.outbound else None
-    outbound: list[OutboundListener | NativeOutboundListener] = []
+        inbound.append(InboundListener(spec, contexts.inbound(i), connections, metrics))
+    outbound: list[Outbound] = []
     for o in cfg.outbound:
-        assert client is not None
         spec_out = OutboundSpec(
             name=o.name, socket_path=cfg.outbound_socket(o.name), host=o.upstream.host,
             port=o.upstream.port, sni=o.sni, peer=o.peer, trust_domain=plan.trust_domain,
-            http=OutboundHttp(offers, mode=o.protocol) if o.protocol != "tcp" else None,
+            http=OutboundHttp(
+                contexts.offers(o), mode=o.protocol,
+                limits=HttpLimits(idle_timeout=o.timeouts.idle, header_timeout=o.timeouts.header),
+            ) if o.protocol != "tcp" else None,
         )  # fmt: skip
-        if native_client is not None and engine is not None and spec_out.http is None:
-            outbound.append(NativeOutboundListener(spec_out, native_client, engine,
-                                                   connections, metrics))  # fmt: skip
+        if engine is not None and spec_out.http is None:
+            nctx = contexts.native_outbound(o)
+            outbound.append(NativeOutboundListener(spec_out, nctx, engine, connections, metrics))
             continue
-        outbound.append(OutboundListener(spec_out, client, connections, metrics))
+        outbound.append(OutboundListener(spec_out, contexts.outbound(o), connections, metrics))
     return inbound, outbound
+
+
+def set_identity(
+    identity: TLSIdentity, cfg: MarbleConfig, inbound: Sequence[Inbound],
+    outbound: Sequence[Outbound],
+) -> None:  # fmt: skip
+    """Rotation: every listener's new connections use contexts of ``identity``; open
+    connections keep the context (and certificate) they were made with."""
+    contexts = _Contexts(identity)
+    by_name_in = {i.name: i for i in cfg.inbound}
+    by_name_out = {o.name: o for o in cfg.outbound}
+    for li in inbound:
+        c = by_name_in[li.spec.name]
+        if isinstance(li, NativeInboundListener):
+            li.set_context(contexts.native_inbound(c))
+        else:
+            li.set_context(contexts.inbound(c))
+    for lo in outbound:
+        o = by_name_out[lo.spec.name]
+        if isinstance(lo, NativeOutboundListener):
+            lo.set_context(contexts.native_outbound(o))
+        else:
+            lo.set_context(contexts.outbound(o), contexts.offers(o) if lo.spec.http else None)
+
+
+class _Contexts:
+    """The TLS contexts of one identity, one per distinct listener setting (built once)."""
+
+    def __init__(self, identity: TLSIdentity) -> None:
+        self._identity = identity
+        self._cache: dict[tuple[object, ...], Any] = {}
+
+    def _get(self, key: tuple[object, ...], build: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def inbound(self, i: InboundConfig) -> ssl.SSLContext:
+        auth, tls, ident = i.clients == "marbles", i.tls, self._identity
+        if i.protocol == "tcp":
+            return cast(ssl.SSLContext, self._get(("in", auth, tls), lambda: server_context(
+                ident, client_auth=auth, min_version=tls.min_version, tickets=tls.session_tickets
+            )))  # fmt: skip
+        from meshproxy.proxy.http import with_alpn
+
+        # its own context: it selects ALPN h2 (hbone) or h2 / http/1.1
+        alpn = ("h2",) if i.protocol == "hbone" else ("h2", "http/1.1")
+        return cast(ssl.SSLContext, self._get(("in", auth, tls, alpn), lambda: with_alpn(
+            server_context(ident, client_auth=auth, min_version=tls.min_version,
+                           tickets=tls.session_tickets), alpn,
+        )))  # fmt: skip
+
+    def native_inbound(self, i: InboundConfig) -> Context:
+        auth, tls, ident = i.clients == "marbles", i.tls, self._identity
+        # protocol http on the engine (the h2 fast path): it selects h2 or http/1.1
+        alpn = () if i.protocol == "tcp" else ("h2", "http/1.1")
+        return cast("Context", self._get(("nin", auth, tls, alpn), lambda: native_server_context(
+            ident, client_auth=auth, min_version=tls.min_version, tickets=tls.session_tickets,
+            alpn=alpn,
+        )))  # fmt: skip
+
+    def outbound(self, o: OutboundConfig) -> ssl.SSLContext:
+        tls, ident = o.tls, self._identity
+        return cast(ssl.SSLContext, self._get(("out", tls), lambda: client_context(
+            ident, min_version=tls.min_version, tickets=tls.session_tickets
+        )))  # fmt: skip
+
+    def native_outbound(self, o: OutboundConfig) -> Context:
+        tls, ident = o.tls, self._identity
+        return cast("Context", self._get(("nout", tls), lambda: native_client_context(
+            ident, min_version=tls.min_version, tickets=tls.session_tickets
+        )))  # fmt: skip
+
+    def offers(self, o: OutboundConfig) -> dict[str, ssl.SSLContext]:
+        """An HTTP outbound's client contexts, one per ALPN protocol it may offer."""
+        tls, ident = o.tls, self._identity
+        return {p: cast(ssl.SSLContext, self._get(("offer", p, tls), lambda p=p: client_context(  # type: ignore[misc]
+            ident, alpn=(p,), min_version=tls.min_version, tickets=tls.session_tickets
+        ))) for p in ("h2", "http/1.1")}  # fmt: skip
 
 
 def _hostport(host: str, port: int) -> str:

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from meshproxy.errors import ConfigError, NativeUnavailable
 from meshproxy.tls._native import (
@@ -25,9 +27,8 @@ from meshproxy.tls._native import (
     Handshake,
     NativeEngine,
     NativeSession,
+    _translate,
     format_peer,
-    native_client_context,
-    native_server_context,
 )
 from meshproxy.tls._native import load as load_native
 from meshproxy.tls._python import (
@@ -39,6 +40,9 @@ from meshproxy.tls._python import (
     describe_error,
     server_context,
 )
+
+if TYPE_CHECKING:
+    from meshproxy._native_tls import Context
 
 __all__ = [
     "CHUNK",
@@ -126,3 +130,58 @@ def describe_backend() -> str:
 
 def _why_not(exc: NativeUnavailable) -> str:
     return f"MESHPROXY_NATIVE=auto, native engine unavailable: {exc}"
+
+
+# -- native contexts with the listener's TLS options ------------------------------------------
+# (``tls._native``'s builders have no version/ticket options yet; the engine's Context has.)
+def native_server_context(
+    identity: TLSIdentity,
+    *,
+    client_auth: bool,
+    min_version: str = "1.3",
+    tickets: bool = False,
+    alpn: Sequence[str] = (),
+) -> Context:
+    """A listener's native context: mTLS against the intermediate, or public; ``alpn``:
+    the protocols it selects from (an HTTP listener's ``h2``, ``http/1.1``)."""
+    if any(p.lower().startswith("istio") for p in alpn):
+        raise ValueError("istio ALPN values are never used")
+    return _native_context(identity, server=True, verify_peer=client_auth, alpn=alpn,
+                           min_version=min_version, tickets=tickets)  # fmt: skip
+
+
+def native_client_context(
+    identity: TLSIdentity,
+    *,
+    alpn: Sequence[str] = (),
+    min_version: str = "1.3",
+    tickets: bool = False,
+) -> Context:
+    """An outbound native context; ``pki.check_peer`` checks the identity after it."""
+    if any(p.lower().startswith("istio") for p in alpn):
+        raise ValueError("istio ALPN values must never be offered")
+    return _native_context(identity, server=False, verify_peer=True, alpn=alpn,
+                           min_version=min_version, tickets=tickets)  # fmt: skip
+
+
+def _native_context(
+    identity: TLSIdentity,
+    *,
+    server: bool,
+    verify_peer: bool,
+    alpn: Sequence[str],
+    min_version: str,
+    tickets: bool,
+) -> Context:
+    native = load_native()
+    key = bytearray(identity.key_pem.reveal())  # a private copy, wiped by the constructor
+    try:
+        with _translate("context", native):
+            ctx: Context = native.Context(
+                identity.chain_pem, key, identity.trust_pem, server=server,
+                verify_peer=verify_peer, alpn=tuple(alpn), min_version=min_version,
+                tickets=tickets,
+            )  # fmt: skip
+    finally:
+        key[:] = bytes(len(key))  # already wiped in C; again in case the call failed early
+    return ctx

@@ -2,8 +2,10 @@
 
 Contexts are built from in-memory PEM. The private key reaches OpenSSL through an
 anonymous memfd opened by ``/proc/self/fd/N`` and closed at once, so it never has a name
-in any filesystem. Every context is TLS 1.3 only, without session tickets (a ticket would
-outlive a certificate rotation) and without ALPN for TCP listeners (never ``istio*``).
+in any filesystem. Every context is TLS 1.3 only and without session tickets (a ticket
+would outlive a certificate rotation, and a leaked ticket key decrypts every session
+resumed with it) unless the listener's ``tls:`` config allows 1.2 (ECDHE with AES-GCM or
+ChaCha20 only) or tickets; and without ALPN for TCP listeners (never ``istio*``).
 
 ``TLSStream`` runs TLS over memory BIOs on a plain TCP transport instead of asyncio's SSL
 transport, because that one turns a peer's close_notify into a full close. Here a
@@ -20,10 +22,11 @@ import os
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from meshproxy._redact import Secret
 from meshproxy.errors import ConnectError, PKIError
+from meshproxy.pki import CertNames
 
 CHUNK = 64 * 1024
 _HIGH_WATER = 256 * 1024  # plaintext held for a slow consumer before the socket is paused
@@ -39,11 +42,18 @@ class TLSIdentity:
     trust_pem: bytes
 
 
-def server_context(identity: TLSIdentity, *, client_auth: bool) -> ssl.SSLContext:
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # forward secret, AEAD; as the native engine
+
+
+def server_context(
+    identity: TLSIdentity, *, client_auth: bool, min_version: str = "1.3", tickets: bool = False
+) -> ssl.SSLContext:
     """A listener's context: mTLS against the intermediate, or server-auth only (public)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    _harden(ctx)
-    ctx.num_tickets = 0
+    _harden(ctx, min_version, tickets)
+    if not tickets:
+        ctx.num_tickets = 0
     _load_identity(ctx, identity)
     if client_auth:
         _trust(ctx, identity.trust_pem)
@@ -53,11 +63,17 @@ def server_context(identity: TLSIdentity, *, client_auth: bool) -> ssl.SSLContex
     return ctx
 
 
-def client_context(identity: TLSIdentity, *, alpn: Sequence[str] = ()) -> ssl.SSLContext:
+def client_context(
+    identity: TLSIdentity,
+    *,
+    alpn: Sequence[str] = (),
+    min_version: str = "1.3",
+    tickets: bool = False,
+) -> ssl.SSLContext:
     """An outbound context. The name is not checked here: ``pki.check_peer`` checks the
     marble identity in the certificate after the handshake (by type, not by DNS name)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    _harden(ctx)
+    _harden(ctx, min_version, tickets)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
     _trust(ctx, identity.trust_pem)
@@ -69,9 +85,16 @@ def client_context(identity: TLSIdentity, *, alpn: Sequence[str] = ()) -> ssl.SS
     return ctx
 
 
-def _harden(ctx: ssl.SSLContext) -> None:
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.options |= ssl.OP_NO_TICKET | ssl.OP_NO_COMPRESSION
+def _harden(ctx: ssl.SSLContext, min_version: str, tickets: bool) -> None:
+    if min_version not in TLS_VERSIONS:
+        raise ValueError(f"min_version must be 1.2 or 1.3, not {min_version!r}")
+    ctx.minimum_version = TLS_VERSIONS[min_version]
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    if min_version == "1.2":
+        ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    if not tickets:
+        ctx.options |= ssl.OP_NO_TICKET
 
 
 def _trust(ctx: ssl.SSLContext, trust_pem: bytes) -> None:
@@ -129,6 +152,7 @@ class TLSStream(asyncio.Protocol):
         self._read_paused = False
         self._wrote_eof = False
         self._peer_der: bytes | None = None
+        self._peer_decoded: dict[str, Any] = {}
         self.remote = "?"
 
     # -- asyncio.Protocol ---------------------------------------------------------------
@@ -175,6 +199,12 @@ class TLSStream(asyncio.Protocol):
     def peer_certificate(self) -> bytes | None:
         """The peer's leaf (DER) after a verified handshake; None for anonymous clients."""
         return self._peer_der
+
+    def peer_names(self) -> CertNames:
+        """The verified peer's SAN URIs and organizations as OpenSSL decoded them: what
+        ``pki.check_peer`` needs, without parsing the certificate again (``cryptography``
+        would cost the proxy 10 MB of memory for it)."""
+        return CertNames.from_ssl(self._peer_decoded)
 
     async def read(self) -> bytes:
         """Plaintext as it arrives; ``b""`` once the peer sent close_notify."""
@@ -254,6 +284,7 @@ class TLSStream(asyncio.Protocol):
             # Kept now: a fatal alert right after the handshake (the server refusing our
             # certificate, in TLS 1.3) resets what the SSL object reports.
             self._peer_der = self._tls.getpeercert(binary_form=True)
+            self._peer_decoded = dict(self._tls.getpeercert() or {})
             self._handshake.set_result(None)
         self._pull()
 

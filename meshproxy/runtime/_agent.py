@@ -1,0 +1,444 @@
+"""The attestation agent: activation and renewal in a short-lived child process.
+
+Attesting needs the attestation package, the coordinator client and ``cryptography``
+(key generation, CSRs, quotes, chain checks): about 15 MB of modules that would stay in
+the long-lived proxy's memory for good once imported (issue 3: the proxy under 40 MB at
+idle). So ``meshproxy run`` starts ``python -m meshproxy.runtime._agent activate|renew``
+with a JSON request on stdin; the agent measures the enclave, generates a fresh key,
+attests, and writes the result as JSON on stdout (PEM certificates, the key, the
+manifest's Files/Env/Argv, the mesh policy, the lease) and exits. Its log lines go to the
+proxy's stderr. The key crosses a pipe between the two processes of one enclave, nothing
+else; a failure comes back as ``{"error", "kind", "http_status"}`` and is raised in the
+proxy as the same ``MeshError`` class.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from meshproxy import errors
+from meshproxy._redact import Secret
+from meshproxy.errors import ConnectError, MeshError
+from meshproxy.runtime._renew import Lease, Renewed
+from meshproxy.tls import TLSIdentity
+
+if TYPE_CHECKING:
+    from meshproxy.manifest import RouteRule
+
+AGENT_TIMEOUT_SLACK = 30.0  # beyond the activation timeout, before the agent is killed
+
+
+@dataclass(frozen=True)
+class MeshView:
+    """The manifest's mesh policy as the data plane needs it (``MeshPolicy``'s interface)."""
+
+    trust_domain: str
+    allow: Mapping[str, tuple[str, ...]]
+    routes: Mapping[str, tuple[Mapping[str, Any], ...]] = field(default_factory=dict)
+
+    def callers_of(self, marble_type: str) -> tuple[str, ...]:
+        return self.allow.get(marble_type, ())
+
+    def routes_of(self, marble_type: str) -> tuple[RouteRule, ...]:
+        from meshproxy.manifest import RouteRule  # only HTTP listeners have routes
+
+        return tuple(
+            RouteRule(
+                path=r["path"],
+                path_prefix=r["path_prefix"],
+                methods=tuple(r["methods"]),
+                allow=tuple(r["allow"]),
+            )
+            for r in self.routes.get(marble_type, ())
+        )
+
+
+@dataclass(frozen=True)
+class Activated:
+    """An activation, without cryptography objects: what ``meshproxy run`` serves with."""
+
+    uuid: str
+    identity: TLSIdentity
+    root_pem: bytes
+    files: Mapping[str, bytes] = field(repr=False)
+    env: Mapping[str, bytes] = field(repr=False)
+    argv: tuple[str, ...]
+    mesh: MeshView
+    lease: Lease
+    simulated: bool
+    sealing_key: Secret | None = field(default=None, repr=False)  # Gramine's mounts
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """A renewed identity: what the renewer installs."""
+
+    identity: TLSIdentity
+    mesh: MeshView
+
+
+# -- the proxy's side -------------------------------------------------------------------------
+class Pending:
+    """An agent at work: started early, so that it attests while the proxy loads its own
+    modules and config (two cores do both at once), read with ``result``."""
+
+    def __init__(self, mode: str, request: Mapping[str, Any]) -> None:
+        self.mode = mode
+        argv = [sys.executable, "-m", "meshproxy.runtime._agent", mode]
+        try:
+            self._proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True
+            )
+        except OSError as exc:
+            raise MeshError(f"cannot start the attestation agent: {exc.strerror or exc}") from None
+        self._input = json.dumps(request).encode()
+        self._done = False
+
+    def result(self, timeout: float) -> dict[str, Any]:
+        try:
+            out, _ = self._proc.communicate(self._input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.cancel()
+            raise ConnectError(f"the attestation agent did not finish in {timeout:.0f}s") from None
+        self._done = True
+        return _answer(self.mode, out)
+
+    def cancel(self) -> None:
+        """Stop the agent if it still works (idempotent; a no-op once it answered)."""
+        if self._done:
+            return
+        self._done = True
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.communicate()
+
+
+class Forked(Pending):
+    """The agent as a fork of this process, for the activation at start: the process is
+    still single-threaded and small then, and a fork starts attesting at once with what
+    is already imported (a new interpreter would cost a start and the same imports again).
+    The proxy (the parent) never imports what the child loads to attest."""
+
+    def __init__(self, mode: str, request: Mapping[str, Any]) -> None:
+        self.mode = mode
+        self._done = False
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the agent
+            code = 0
+            try:
+                os.close(read)
+                _die_with_parent()
+                data = json.dumps(_handle(mode, request)).encode()
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(write, view) :]
+            except Exception:  # a bug: say so; the proxy says "failed without an answer"
+                logging.getLogger("meshproxy.runtime").exception("attestation agent failed")
+                code = 70
+            finally:
+                os._exit(code)  # no atexit handlers, no flushing the parent's buffers
+        os.close(write)
+        self._pid = pid
+        self._read = read
+
+    def result(self, timeout: float) -> dict[str, Any]:
+        import selectors
+
+        chunks = []
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._read, selectors.EVENT_READ)
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    self.cancel()
+                    raise ConnectError(
+                        f"the attestation agent did not finish in {timeout:.0f}s"
+                    ) from None
+                chunk = os.read(self._read, 65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        self._finish()
+        return _answer(self.mode, b"".join(chunks))
+
+    def cancel(self) -> None:
+        if not self._done:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, signal.SIGKILL)
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        os.close(self._read)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self._pid, 0)
+
+
+def begin_activation(config: Path) -> Pending:
+    """Start activating in the agent now; ``activate(pending=...)`` reads the result."""
+    return Forked("activate", {"config": str(config)})
+
+
+def activate(config: Path, timeout: float, *, pending: Pending | None = None) -> Activated:
+    """Activate in the agent (blocking; with the config's retries)."""
+    pending = pending or begin_activation(config)
+    doc = pending.result(timeout + AGENT_TIMEOUT_SLACK)
+    try:
+        return Activated(
+            uuid=str(doc["uuid"]),
+            identity=_identity(doc),
+            root_pem=str(doc["root_pem"]).encode(),
+            files={},  # written by the agent
+            env={k: base64.b64decode(v) for k, v in doc["env"].items()},
+            argv=tuple(str(a) for a in doc["argv"]),
+            mesh=_mesh(doc["mesh"]),
+            lease=Lease(**doc["lease"]),
+            simulated=bool(doc["simulated"]),
+            sealing_key=(
+                Secret(base64.b64decode(doc["sealing_key"])) if doc.get("sealing_key") else None
+            ),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise MeshError(f"the attestation agent answered malformed JSON: {exc}") from None
+
+
+def renew(config: Path, uuid: str, root_pem: bytes, timeout: float) -> tuple[Lease, Renewal]:
+    """Renew in the agent (blocking): a fresh key, CSR and quote."""
+    request = {"config": str(config), "uuid": uuid, "root_pem": root_pem.decode()}
+    doc = _call("renew", request, timeout + AGENT_TIMEOUT_SLACK)
+    try:
+        return Lease(**doc["lease"]), Renewal(_identity(doc), _mesh(doc["mesh"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise MeshError(f"the attestation agent answered malformed JSON: {exc}") from None
+
+
+def _call(mode: str, request: Mapping[str, Any], timeout: float) -> dict[str, Any]:
+    return Pending(mode, request).result(timeout)
+
+
+def _answer(mode: str, stdout: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(stdout)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise MeshError(
+            f"the attestation agent ({mode}) failed without an answer; see its log lines above"
+        ) from None
+    if not isinstance(doc, dict):
+        raise MeshError("the attestation agent answered malformed JSON")
+    if "error" in doc:
+        raise _error(doc)
+    return doc
+
+
+def _error(doc: Mapping[str, Any]) -> MeshError:
+    kind = getattr(errors, str(doc.get("kind")), None)
+    message = str(doc["error"])
+    if kind is errors.CoordinatorError:
+        return errors.CoordinatorError(message, http_status=int(doc.get("http_status") or 0))
+    if kind is errors.AttestationError:
+        return errors.AttestationError(message, check=str(doc.get("check") or "quote"))
+    if isinstance(kind, type) and issubclass(kind, MeshError):
+        try:
+            made = kind(message)
+        except TypeError:
+            made = MeshError(message)
+        return made
+    return MeshError(message)
+
+
+def _identity(doc: Mapping[str, Any]) -> TLSIdentity:
+    return TLSIdentity(
+        chain_pem=str(doc["chain_pem"]).encode(),
+        key_pem=Secret(str(doc["key_pem"]).encode()),
+        trust_pem=str(doc["trust_pem"]).encode(),
+    )
+
+
+def _mesh(doc: Mapping[str, Any]) -> MeshView:
+    return MeshView(
+        trust_domain=str(doc["trust_domain"]),
+        allow={str(k): tuple(str(x) for x in v) for k, v in doc["allow"].items()},
+        routes={str(k): tuple(v) for k, v in doc["routes"].items()},
+    )
+
+
+@dataclass(frozen=True)
+class AgentRenewal:
+    """How the running proxy renews (through the agent) and learns of updates."""
+
+    config: Path
+    uuid: str
+    root_pem: bytes
+    host: str  # the coordinator's mesh API
+    port: int
+    timeout: float = 10.0
+
+    def renew(self) -> Renewed:
+        lease, renewal = renew(self.config, self.uuid, self.root_pem, self.timeout)
+        return Renewed(lease, renewal)
+
+    def current_intermediate(self) -> str | None:
+        """The SHA-256 fingerprint of the cluster's current intermediate, from the mesh
+        API's ``GET /api/v2/status``; None from a coordinator that does not say.
+
+        Blocking (a thread). HTTPS pinned to the root as ``client.Connection`` does, with
+        the stdlib only: the proxy does not load the coordinator client for a poll."""
+        import http.client
+        import ssl
+
+        from meshproxy.coordinator import _wire as wire
+
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False  # the identity is the pinned root itself, checked below
+        ctx.load_verify_locations(cadata=self.root_pem.decode())
+        where = f"coordinator {self.host}:{self.port}"
+        conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
+                                           context=ctx)  # fmt: skip
+        try:
+            conn.connect()
+            presented = conn.sock.getpeercert(binary_form=True) if conn.sock else None
+            if presented != ssl.PEM_cert_to_DER_cert(self.root_pem.decode()):
+                raise errors.PKIError(f"{where} does not present the pinned root certificate")
+            conn.request("GET", wire.MESH_PATHS["status"])
+            raw = conn.getresponse().read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise ConnectError(f"cannot reach {where}: {exc}") from None
+        finally:
+            conn.close()
+        try:
+            doc = json.loads(raw)
+            value = doc["data"].get("intermediate") if doc.get("status") == "success" else None
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
+            raise ConnectError(f"{where} answered a status that is not JSend") from None
+        if value is not None and not isinstance(value, str):
+            raise ConnectError(f"{where}: status.intermediate is not text")
+        return value
+
+
+# -- the agent's side -------------------------------------------------------------------------
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or argv[0] not in ("activate", "renew"):
+        print("usage: python -m meshproxy.runtime._agent activate|renew", file=sys.stderr)
+        return 2
+    doc = _handle(argv[0], json.load(sys.stdin))
+    sys.stdout.write(json.dumps(doc))
+    sys.stdout.flush()
+    return 0 if "error" not in doc else 1
+
+
+def _handle(mode: str, request: Mapping[str, Any]) -> dict[str, Any]:
+    from meshproxy._log import setup as setup_logging
+    from meshproxy.config import load_marble_config
+
+    try:
+        cfg = load_marble_config(request["config"])
+        setup_logging(cfg.log.level, cfg.log.format)
+        return _activate(cfg) if mode == "activate" else _renew(cfg, request)
+    except MeshError as exc:
+        return {"error": str(exc), "kind": type(exc).__name__,
+                "http_status": getattr(exc, "http_status", None),
+                "check": getattr(exc, "check", None)}  # fmt: skip
+
+
+def _activate(cfg: Any) -> dict[str, Any]:
+    from meshproxy.pki import cert_to_pem, certs_to_pem, generate_key, key_to_pem
+    from meshproxy.runtime._activate import activate as activate_now
+    from meshproxy.runtime._activate import quote_provider, write_files
+    from meshproxy.runtime._renew import lease_of
+
+    provider = quote_provider(cfg)
+    key = generate_key()
+    act = activate_now(cfg, key, provider)
+    cfg.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(cfg.workdir, 0o700)
+    write_files(cfg.files_root, act.files)
+    return {
+        "uuid": act.uuid,
+        "key_pem": key_to_pem(key).reveal().decode(),
+        "chain_pem": certs_to_pem([act.leaf, act.intermediate]).decode(),
+        "trust_pem": cert_to_pem(act.intermediate).decode(),
+        "root_pem": cert_to_pem(act.root).decode(),
+        "env": {k: base64.b64encode(v).decode() for k, v in act.env.items()},
+        "argv": list(act.argv),
+        "mesh": _mesh_doc(act.mesh),
+        "lease": dataclasses.asdict(lease_of(act.leaf, act.intermediate)),
+        "simulated": act.simulated,
+        # Under Gramine the proxy installs it in its own process too: the app is its child,
+        # and the agent is another enclave process (_main._install_sealing_key).
+        "sealing_key": (
+            base64.b64encode(act.sealing_key.reveal()).decode() if act.sealing_key else None
+        ),
+    }
+
+
+def _renew(cfg: Any, request: Mapping[str, Any]) -> dict[str, Any]:
+    import uuid as uuidlib
+
+    from meshproxy.coordinator.client import renew as renew_now
+    from meshproxy.pki import cert_from_pem, cert_to_pem, certs_to_pem, generate_key, key_to_pem
+    from meshproxy.runtime._activate import ATTEMPT_TIMEOUT, quote_provider
+    from meshproxy.runtime._renew import lease_of
+
+    provider = quote_provider(cfg)
+    key = generate_key()
+    r = renew_now(
+        str(cfg.coordinator.address), marble_type=cfg.marble.type,
+        instance=uuidlib.UUID(str(request["uuid"])), key=key, dns_names=cfg.marble.dns_names,
+        provider=provider, root=cert_from_pem(str(request["root_pem"]).encode(), "root"),
+        timeout=ATTEMPT_TIMEOUT,
+    )  # fmt: skip
+    return {
+        "key_pem": key_to_pem(key).reveal().decode(),
+        "chain_pem": certs_to_pem([r.leaf, r.intermediate]).decode(),
+        "trust_pem": cert_to_pem(r.intermediate).decode(),
+        "mesh": _mesh_doc(r.mesh),
+        "lease": dataclasses.asdict(lease_of(r.leaf, r.intermediate)),
+    }
+
+
+def _mesh_doc(mesh: Any) -> dict[str, Any]:
+    return {
+        "trust_domain": mesh.trust_domain,
+        "allow": {k: list(v) for k, v in mesh.allow.items()},
+        "routes": {
+            k: [{"path": r.path, "path_prefix": r.path_prefix, "methods": list(r.methods),
+                 "allow": list(r.allow)} for r in rules]
+            for k, rules in mesh.routes.items()
+        },
+    }  # fmt: skip
+
+
+def _die_with_parent() -> None:
+    """The agent works for one proxy: when that proxy dies (a SIGTERM during a long
+    activation), the agent goes too instead of finishing an attestation nobody reads.
+    (Linux ties this to the spawning thread: the proxy spawns from its main thread or
+    from the event loop's executor threads, which live as long as the proxy serves.)"""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+_PR_SET_PDEATHSIG = 1
+
+if __name__ == "__main__":
+    os.umask(0o077)
+    _die_with_parent()
+    sys.exit(main(sys.argv[1:]))
