@@ -56,7 +56,7 @@ typedef struct {
     size_t start, end;
 } buf_t;
 
-enum { CMD_HANDSHAKE = 1, CMD_RELAY, CMD_CLOSE, CMD_RELAY_H2 };
+enum { CMD_HANDSHAKE = 1, CMD_RELAY, CMD_CLOSE, CMD_RELAY_H2, CMD_DRAIN_H2 };
 
 typedef struct cmd {
     struct cmd *next;
@@ -1287,6 +1287,10 @@ h2_pump(conn_t *c, int *progress)
     }
     h2_post_refusals(c);
     h2_post_stats(c);
+    if (h2r_drained(c->h2) && buf_len(&c->out) == 0) { /* shutdown: GOAWAY, streams done */
+        conn_end(c, "drained");
+        return -1;
+    }
     if (h2r_failed(c->h2)) { /* its GOAWAY went out with h2_to_tls, as far as it could */
         char reason[MP_REASON_MAX];
         snprintf(reason, sizeof reason, "%s", h2r_error(c->h2));
@@ -1437,6 +1441,13 @@ run_commands(worker_t *w, cmd_t *list)
         case CMD_CLOSE:
             if ((c = conn_find(w, cmd->conn_id)) != NULL) {
                 conn_end(c, cmd->text);
+            }
+            break;
+        case CMD_DRAIN_H2:
+            if ((c = conn_find(w, cmd->conn_id)) != NULL && c->h2 != NULL &&
+                c->state == ST_RELAY) {
+                h2r_drain(c->h2);
+                pump(c);
             }
             break;
         default:
@@ -1714,6 +1725,12 @@ mp_engine_relay_h2(mp_engine *e, uint64_t conn_id, int app_fd, h2r_policy *polic
         return -1;
     }
     return 0;
+}
+
+int
+mp_engine_drain_h2(mp_engine *e, uint64_t conn_id, char *err, size_t errlen)
+{
+    return submit_simple(e, CMD_DRAIN_H2, conn_id, -1, NULL, err, errlen);
 }
 
 int

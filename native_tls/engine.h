@@ -79,6 +79,9 @@ int mp_engine_relay(mp_engine *e, uint64_t conn_id, int app_fd, char *err, size_
  * engine owns from the call on (also when it fails). */
 int mp_engine_relay_h2(mp_engine *e, uint64_t conn_id, int app_fd, h2r_policy *policy, char *err,
                        size_t errlen);
+/* Shutdown of an HTTP/2 relay: GOAWAY now, the connection ends when its streams are done
+ * (reason "drained"). A no-op for other connections. */
+int mp_engine_drain_h2(mp_engine *e, uint64_t conn_id, char *err, size_t errlen);
 int mp_engine_close(mp_engine *e, uint64_t conn_id, const char *reason, char *err, size_t errlen);
 /* All waiting events, oldest first (a list linked by next); free each with mp_event_free. */
 mp_event *mp_engine_take_events(mp_engine *e);

@@ -352,6 +352,7 @@ struct h2r {
     uint32_t c_table_size, c_table_min;
     uint8_t c_table_changed, update_owed;
     uint8_t app_started; /* the app's first SETTINGS went to the client */
+    uint8_t draining;    /* our GOAWAY (shutdown) is queued or sent */
     uint32_t owed_min, owed_final;
     h2r_stats stats;
     int rules_dirty;
@@ -1147,7 +1148,7 @@ client_block(h2r *r, uint64_t now)
         return queue_reply(r, sid, 431, grpc, 8, "request headers over the size limit",
                            end_stream);
     }
-    if (r->nstreams >= r->pol->max_streams) {
+    if (r->nstreams >= r->pol->max_streams || r->draining) { /* full, or after our GOAWAY */
         deny_stream(r, sid);
         r->stats.requests--; /* refused before it began, as h2's limit does */
         r->stats.refused_streams++;
@@ -1660,6 +1661,30 @@ size_t
 h2r_pending_client(const h2r *r)
 {
     return bytes_len(&r->to_client) + bytes_len(&r->pending);
+}
+
+void
+h2r_drain(h2r *r)
+{
+    if (r->draining || r->failed) {
+        return;
+    }
+    r->draining = 1;
+    uint8_t g[8];
+    put32(g, r->last_sid);
+    put32(g + 4, E_NO_ERROR);
+    if (emit_frame(&r->pending, F_GOAWAY, 0, 0, g, sizeof g) < 0) {
+        oom(r);
+        return;
+    }
+    flush_pending(r);
+}
+
+int
+h2r_drained(const h2r *r)
+{
+    return r->draining && r->nstreams == 0 && bytes_len(&r->pending) == 0 &&
+           bytes_len(&r->to_client) == 0 && r->ap.hlen == 0 && !r->a_in_block;
 }
 
 int

@@ -99,6 +99,11 @@ void h2r_consumed_client(h2r *r, size_t n);
 size_t h2r_pending_app(const h2r *r);
 size_t h2r_pending_client(const h2r *r);
 
+/* Shutdown: GOAWAY (NO_ERROR, the last stream seen) to the client, later streams refused;
+ * h2r_drained() once every stream is done and everything of ours went out. */
+void h2r_drain(h2r *r);
+int h2r_drained(const h2r *r);
+
 int h2r_failed(const h2r *r);
 const char *h2r_error(const h2r *r);
 

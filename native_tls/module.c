@@ -420,6 +420,20 @@ Engine_relay_h2(EngineObject *self, PyObject *args)
 }
 
 static PyObject *
+Engine_drain_h2(EngineObject *self, PyObject *args)
+{
+    unsigned long long conn_id;
+    if (!PyArg_ParseTuple(args, "K", &conn_id)) {
+        return NULL;
+    }
+    char err[ERR_MAX] = "";
+    if (mp_engine_drain_h2(self->engine, conn_id, err, sizeof err) < 0) {
+        return raise_native(err);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
 Engine_close(EngineObject *self, PyObject *args)
 {
     unsigned long long conn_id;
@@ -605,6 +619,9 @@ static PyMethodDef Engine_methods[] = {
      "relay_h2(conn_id, fd, policy) -> None\n\nLike relay(), but as an HTTP/2 relay (client h2 "
      "-> app h2c) that decodes request heads: policy = (headers, tables, max_streams, "
      "max_header_bytes, reset_burst, reset_rate); see native_tls/h2relay.h."},
+    {"drain_h2", (PyCFunction)Engine_drain_h2, METH_VARARGS,
+     "drain_h2(conn_id) -> None\n\nShutdown of an HTTP/2 relay: GOAWAY now; it ends "
+     "(reason 'drained') once its streams are done."},
     {"close", (PyCFunction)Engine_close, METH_VARARGS,
      "close(conn_id, reason) -> None\n\nEnd a connection; its final event carries reason."},
     {"events", (PyCFunction)Engine_events, METH_NOARGS,
@@ -761,6 +778,19 @@ H2Relay_stats(H2RelayObject *self, PyObject *args)
 }
 
 static PyObject *
+H2Relay_drain(H2RelayObject *self, PyObject *Py_UNUSED(ignored))
+{
+    h2r_drain(self->relay);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+H2Relay_get_drained(H2RelayObject *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(h2r_drained(self->relay));
+}
+
+static PyObject *
 H2Relay_get_failed(H2RelayObject *self, void *Py_UNUSED(closure))
 {
     return PyBool_FromLong(h2r_failed(self->relay));
@@ -782,6 +812,7 @@ static PyMethodDef H2Relay_methods[] = {
      "Bytes for the client (taken)."},
     {"refusals", (PyCFunction)H2Relay_refusals, METH_NOARGS,
      "Refused requests since the last call: (stream_id, status, method, path, reason)."},
+    {"drain", (PyCFunction)H2Relay_drain, METH_NOARGS, "Shutdown: GOAWAY, no new streams."},
     {"stats", (PyCFunction)H2Relay_stats, METH_VARARGS,
      "stats(now_ns=0, finish=False) -> dict\n\nCounters since the last call; finish: count "
      "open streams as reset first."},
@@ -790,6 +821,7 @@ static PyMethodDef H2Relay_methods[] = {
 
 static PyGetSetDef H2Relay_getset[] = {
     {"failed", (getter)H2Relay_get_failed, NULL, "The relay failed (GOAWAY queued).", NULL},
+    {"drained", (getter)H2Relay_get_drained, NULL, "Drained: every stream done.", NULL},
     {"error", (getter)H2Relay_get_error, NULL, "Why it failed, or None.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };

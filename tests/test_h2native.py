@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import struct
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from meshproxy.proxy import ConnectionSet, InboundSpec
 from meshproxy.proxy._h2native import NativeHttpInboundListener
 from meshproxy.proxy._metrics import ProxyMetrics
 from meshproxy.proxy.http import HttpLimits, InboundHttp, RoutePolicy
+from meshproxy.proxy.http._drain import Drain
 from meshproxy.tls import (
     NativeEngine,
     TLSIdentity,
@@ -164,6 +166,7 @@ async def serve(
     limits: HttpLimits | None = None,
     app_up: bool = True,
     clients: str = "marbles",
+    drain: Drain | None = None,
 ) -> None:
     engine = NativeEngine(threads=2)
     connections = ConnectionSet()
@@ -174,7 +177,10 @@ async def serve(
     routes = RoutePolicy.of(
         manifest=(RouteRule(None, "/api", (), ("frontend",)), RouteRule(None, "/admin", (), ()))
     )
-    http = InboundHttp("h2c", f"spiffe://{DOMAIN}/marble/backend", routes, limits or HttpLimits())
+    http = InboundHttp(
+        "h2c", f"spiffe://{DOMAIN}/marble/backend", routes, limits or HttpLimits(),
+        drain=drain or Drain(),
+    )  # fmt: skip
     spec = InboundSpec("api", "127.0.0.1", 0, clients, ("frontend",), DOMAIN,
                        workdir / "app.sock", http=http)  # fmt: skip
     auth = clients == "marbles"
@@ -197,9 +203,10 @@ def run(
     limits: HttpLimits | None = None,
     app_up: bool = True,
     clients: str = "marbles",
+    drain: Drain | None = None,
 ) -> ProxyMetrics:
     metrics = ProxyMetrics(tls_backend="native", process=False)
-    main = serve(workdir, ids, metrics, scenario, limits, app_up, clients)
+    main = serve(workdir, ids, metrics, scenario, limits, app_up, clients, drain)
     uvloop.run(asyncio.wait_for(main, 60))
     return metrics
 
@@ -325,3 +332,41 @@ def test_h2load_a_strict_client_accepts_refusals_from_its_first_flight_on(
     run(workdir, ids, scenario, clients="public")
     assert "requests: 40 total, 40 started, 40 done, 0 succeeded, 40 failed, 0 errored" in out[0]
     assert "status codes: 0 2xx, 0 3xx, 40 4xx, 0 5xx" in out[0], out[0]
+
+
+def test_shutdown_sends_goaway_and_the_request_in_flight_completes(
+    workdir: Path, ids: dict[str, TLSIdentity]
+) -> None:
+    drain = Drain()
+    seen: dict[str, Any] = {}
+
+    async def scenario(port: int) -> None:
+        client = await h2_client(port, ids["frontend"])
+        conn = client.conn
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, [(":method", "POST"), (":scheme", "https"),
+                                (":authority", "b"), (":path", "/api/slow")])  # fmt: skip
+        conn.send_data(sid, b"part one, ")
+        client.writer.write(conn.data_to_send())
+        await asyncio.sleep(0.2)
+        drain.begin()  # SIGTERM: the runtime's signal to every HTTP connection
+        events: list[Any] = []
+        while not any(isinstance(e, h2.events.ConnectionTerminated) for e in events):
+            data = await client.reader.read(65536)
+            assert data, "closed before GOAWAY"
+            events += conn.receive_data(data)
+        seen["goaway"] = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+        # h2's client takes no more input after a GOAWAY: the rest by hand
+        rest = b"part two"
+        head = struct.pack(">I", len(rest))[1:] + bytes([0, 1]) + struct.pack(">I", sid)
+        client.writer.write(head + rest)
+        raw = b""
+        while data := await client.reader.read(65536):  # the proxy closes once it is done
+            raw += data
+        seen["raw"] = raw
+        client.writer.close()
+
+    run(workdir, ids, scenario, drain=drain)
+    [goaway] = seen["goaway"]
+    assert goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
+    assert b'"size": 18}' in seen["raw"]  # the app's answer, in a DATA frame

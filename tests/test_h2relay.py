@@ -461,3 +461,26 @@ def test_a_failure_before_the_apps_settings_still_starts_with_settings() -> None
     out = relay.take_client()
     assert out[3] == 4  # SETTINGS
     assert out[9 + 3] == 7  # then GOAWAY
+
+
+def test_a_drain_sends_goaway_refuses_new_streams_and_ends_when_streams_are_done() -> None:
+    p = Pair(policy())
+    sid = p.request(method=b"POST", end=False)
+    p.relay.drain()
+    p.pump()
+    [goaway] = p.of("client", h2.events.ConnectionTerminated)
+    assert goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
+    assert goaway.last_stream_id == sid
+    assert not p.relay.drained
+    p.relay.feed_client(frame(1, 5, sid + 2, b"\x82\x87\x84"), p.now)  # a late new stream
+    assert frame(3, 0, sid + 2, struct.pack(">I", 7)) in p.relay.take_client()
+    # h2's client takes no more input after a GOAWAY: its last DATA and what it gets by hand
+    p.relay.feed_client(frame(0, 1, sid, b"last"), p.now)
+    p.app_events += p.app.receive_data(p.relay.take_app())
+    assert [e.data for e in p.app_events if isinstance(e, h2.events.DataReceived)] == [b"last"]
+    assert not p.relay.drained  # the response is still to come
+    p.app.send_headers(sid, [(b":status", b"200")])
+    p.app.send_data(sid, b"done", end_stream=True)
+    p.relay.feed_app(p.app.data_to_send(), p.now)
+    assert frame(0, 1, sid, b"done") in p.relay.take_client()
+    assert p.relay.drained

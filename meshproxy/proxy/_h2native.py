@@ -49,6 +49,7 @@ log_http = logging.getLogger("meshproxy.proxy.http")
 FAST_PATH_ENV = "MESHPROXY_H2_FASTPATH"  # "off": h2 clients take the Python HTTP layer too
 ALPN = ("h2", "http/1.1")
 LINGER = 5.0  # seconds a served HTTP/1.1 client may keep its TLS side open
+DRAINED = "drained"  # the engine's reason when a shutdown drain ended the connection
 
 
 def fast_path_enabled() -> bool:
@@ -263,11 +264,17 @@ class NativeHttpInboundListener(NativeInboundListener):
 
         started = time.monotonic()
         session.relay_h2(app, policy.spec, refused, counted_requests)
-        result = await session.wait_closed()
+        # shutdown: GOAWAY, and the end once the streams in flight are done
+        unsubscribe = settings.drain.subscribe(session.drain_h2)
+        try:
+            result = await session.wait_closed()
+        finally:
+            unsubscribe()
         if result.http is not None:
             counted_requests(result.http)
+        clean = result.reason in (None, DRAINED)
         if counted is not None:
-            counted.closed(result.tls_to_app, result.app_to_tls, ok=result.reason is None)
+            counted.closed(result.tls_to_app, result.app_to_tls, ok=clean)
         log_in.info(
             "inbound closed",
             extra={"event": "inbound.close", "protocol": "h2", "relay": "native",

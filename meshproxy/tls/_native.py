@@ -195,6 +195,13 @@ class NativeSession:
             raise
         app.detach()
 
+    def drain_h2(self) -> None:
+        """Shutdown of an HTTP/2 relay: GOAWAY now; it ends (reason ``drained``) once its
+        streams are done."""
+        if not self._closed.done() and not self._engine._closing:
+            with _translate("drain", self._engine.module):
+                self._engine.native.drain_h2(self.conn_id)
+
     def close(self, reason: str) -> None:
         """End the connection (idempotent); its closed future resolves with ``reason``."""
         if not self._closed.done():
