@@ -23,7 +23,10 @@
 
 #include <openssl/ssl.h>
 
-enum { MP_EV_HANDSHAKE = 1, MP_EV_HANDSHAKE_FAILED = 2, MP_EV_CLOSED = 3 };
+#include "h2relay.h"
+
+enum { MP_EV_HANDSHAKE = 1, MP_EV_HANDSHAKE_FAILED = 2, MP_EV_CLOSED = 3, MP_EV_HTTP_REFUSED = 5,
+       MP_EV_HTTP_STATS = 6 }; /* 4: kept free (engine-perf uses it for ACCEPTED) */
 
 #define MP_REASON_MAX 200
 #define MP_SNI_MAX 256
@@ -40,6 +43,8 @@ typedef struct mp_event {
     const char *cipher;
     uint64_t tls_to_app;
     uint64_t app_to_tls;
+    h2r_stats *http;         /* HTTP_STATS, CLOSED of an HTTP/2 relay: counters since the last */
+    h2r_refusal *refusal;    /* MP_EV_HTTP_REFUSED: a request the route rules refused */
 } mp_event;
 
 typedef struct {
@@ -70,6 +75,13 @@ int mp_engine_threads(const mp_engine *e);
 int mp_engine_handshake(mp_engine *e, int fd, SSL_CTX *ctx, int server_side, const char *sni,
                         uint64_t *conn_id, char *err, size_t errlen);
 int mp_engine_relay(mp_engine *e, uint64_t conn_id, int app_fd, char *err, size_t errlen);
+/* Like mp_engine_relay, but the relay speaks HTTP/2 (h2relay.h) with this policy, which the
+ * engine owns from the call on (also when it fails). */
+int mp_engine_relay_h2(mp_engine *e, uint64_t conn_id, int app_fd, h2r_policy *policy, char *err,
+                       size_t errlen);
+/* Shutdown of an HTTP/2 relay: GOAWAY now, the connection ends when its streams are done
+ * (reason "drained"). A no-op for other connections. */
+int mp_engine_drain_h2(mp_engine *e, uint64_t conn_id, char *err, size_t errlen);
 int mp_engine_close(mp_engine *e, uint64_t conn_id, const char *reason, char *err, size_t errlen);
 /* All waiting events, oldest first (a list linked by next); free each with mp_event_free. */
 mp_event *mp_engine_take_events(mp_engine *e);

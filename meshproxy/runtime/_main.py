@@ -422,6 +422,7 @@ def _listeners(
 ) -> tuple[list[Inbound], list[Outbound]]:
     cfg = plan.config
     if _speaks_http(cfg):
+        from meshproxy.proxy._h2native import NativeHttpInboundListener, uses_fast_path
         from meshproxy.proxy.http import HttpLimits, InboundHttp, OutboundHttp, RoutePolicy
     contexts = _Contexts(plan.identity)
     inbound: list[Inbound] = []
@@ -440,6 +441,11 @@ def _listeners(
             app_socket=cfg.inbound_socket(i.name), http=http,
             proxy_protocol=i.proxy_protocol == "v2" and i.protocol == "tcp",
         )  # fmt: skip
+        if engine is not None and http is not None and uses_fast_path(http, engine):
+            # h2 -> h2c in C (proxy/_h2native); its context selects h2 or http/1.1
+            nctx = contexts.native_inbound(i)
+            inbound.append(NativeHttpInboundListener(spec, nctx, engine, connections, metrics))
+            continue
         if engine is not None and http is None:  # protocol tcp: the C engine relays it
             nctx = contexts.native_inbound(i)
             inbound.append(NativeInboundListener(spec, nctx, engine, connections, metrics))
@@ -515,8 +521,11 @@ class _Contexts:
 
     def native_inbound(self, i: InboundConfig) -> Context:
         auth, tls, ident = i.clients == "marbles", i.tls, self._identity
-        return cast("Context", self._get(("nin", auth, tls), lambda: native_server_context(
-            ident, client_auth=auth, min_version=tls.min_version, tickets=tls.session_tickets
+        # protocol http on the engine (the h2 fast path): it selects h2 or http/1.1
+        alpn = () if i.protocol == "tcp" else ("h2", "http/1.1")
+        return cast("Context", self._get(("nin", auth, tls, alpn), lambda: native_server_context(
+            ident, client_auth=auth, min_version=tls.min_version, tickets=tls.session_tickets,
+            alpn=alpn,
         )))  # fmt: skip
 
     def outbound(self, o: OutboundConfig) -> ssl.SSLContext:
