@@ -8,8 +8,13 @@ import os
 
 from setuptools import Extension, setup
 
-SOURCES = ["native_tls/module.c", "native_tls/engine.c", "native_tls/context.c"]
-HEADERS = ["native_tls/engine.h", "native_tls/context.h"]
+SOURCES = [
+    "native_tls/module.c",
+    "native_tls/engine.c",
+    "native_tls/context.c",
+    "native_tls/h2relay.c",
+]
+HEADERS = ["native_tls/engine.h", "native_tls/context.h", "native_tls/h2relay.h"]
 WARNINGS = ["-Wall", "-Wextra", "-Wshadow", "-Wstrict-prototypes"]
 WARNINGS += ["-Werror=implicit-function-declaration"]
 SANITIZERS = "-fsanitize=address,undefined"
@@ -28,7 +33,7 @@ setup(
             "meshproxy._native_tls",
             sources=SOURCES,
             depends=HEADERS,
-            libraries=["ssl", "crypto"],
+            libraries=["ssl", "crypto", "nghttp2"],
             extra_compile_args=extra_compile,
             extra_link_args=extra_link,
         )

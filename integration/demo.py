@@ -92,7 +92,7 @@ def main() -> int:
             )
             show(f"frontend ready: public TLS on {frontend.info['inbound']['web']}")
 
-            step("A client verifies the whole cluster with one attestation (pinned by a policy file)")
+            step("A client verifies the cluster with one attestation, pinned by a policy")
             root = base / "client" / "root.pem"
             res = c.cli(
                 "manifest",

@@ -8,11 +8,13 @@ the cluster root fetched with ``meshproxy certificate root``.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +107,9 @@ def test_curl_reaches_the_app_over_http2_and_http1(
     assert doc["protocol"] == ("http/1.1" if listener == "pub" else "h2c")
 
 
-def test_injected_identity_headers_never_reach_the_app(web: Web) -> None:
+@pytest.mark.parametrize("listener", ["pub", "fast"])
+def test_injected_identity_headers_never_reach_the_app(web: Web, listener: str) -> None:
+    p = web.pub if listener == "pub" else web.fast
     res = web.curl(
         "--http2",
         "-H",
@@ -116,7 +120,8 @@ def test_injected_identity_headers_never_reach_the_app(web: Web) -> None:
         "Forwarded: for=10.1.2.3",
         "-H",
         "l5d-dst-override: admin:80",
-        f"https://web.test.local:{web.pub}/headers",
+        f"https://web.test.local:{p}/headers",
+        listener=listener,
     )
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
@@ -186,23 +191,55 @@ def test_a_client_that_sends_no_sni_is_served(web: Web) -> None:
     assert json.loads(body)["path"] == "/headers"
 
 
-def test_the_admin_socket_counts_requests_per_listener(web: Web) -> None:
-    web.curl("--http2", f"https://web.test.local:{web.pub}/counted")
+def _metrics(web: Web) -> str:
     admin = web.proc.info["admin"]
-    text = subprocess.run(
+    return subprocess.run(
         ["curl", "-sS", "--unix-socket", admin, "http://admin/metrics"],
         capture_output=True,
         text=True,
         timeout=10,
         check=True,
     ).stdout
+
+
+@pytest.mark.parametrize("listener", ["pub", "fast"])
+def test_the_admin_socket_counts_requests_per_listener(web: Web, listener: str) -> None:
+    p = web.pub if listener == "pub" else web.fast
+    web.curl("--http2", f"https://web.test.local:{p}/counted", listener=listener)
+    text = _metrics(web)
     assert re.search(
-        r'request_total\{client_id="",direction="inbound",listener="pub",'
+        rf'request_total\{{client_id="",direction="inbound",listener="{listener}",'
         r'server_id="",tls="true"\} [1-9]',
         text,
     ), text
-    assert 'tcp_open_connections{client_id="",direction="inbound",listener="pub"' in text
+    assert f'tcp_open_connections{{client_id="",direction="inbound",listener="{listener}"' in text
+    assert re.search(
+        r'response_total\{classification="success",client_id="",direction="inbound",'
+        rf'grpc_status="",listener="{listener}",server_id="",status_class="2xx",'
+        r'status_code="200",tls="true"\} [1-9]',
+        text,
+    ), text
     assert (
-        'response_latency_ms_bucket{client_id="",direction="inbound",le="1.0",listener="pub"'
-        in text
+        'response_latency_ms_bucket{client_id="",direction="inbound",le="1.0",'
+        f'listener="{listener}"' in text
     )
+
+
+def test_h2_clients_of_an_h2c_app_take_the_engines_fast_path_when_it_runs(web: Web) -> None:
+    """With the native engine, an h2 client of an h2c app is relayed by h2relay.c (its
+    close line says ``relay: native``); on the Python backend (or with
+    ``MESHPROXY_H2_FASTPATH=off``) by the Python HTTP layer."""
+    res = web.curl("--http2", f"https://web.test.local:{web.fast}/which", listener="fast")
+    assert res.returncode == 0, res.stderr
+    backend = re.search(r'meshproxy_tls_backend_info\{backend="(\w+)"\}', _metrics(web))
+    assert backend is not None
+    closes: list[dict[str, object]] = []
+    deadline = time.monotonic() + 10
+    while not closes and time.monotonic() < deadline:
+        closes = [e for e in web.proc.log_events()
+                  if e.get("event") == "inbound.close" and e.get("listener") == "fast"
+                  and e.get("protocol") == "h2"]  # fmt: skip
+        time.sleep(0.05)
+    assert closes, "no inbound.close line for an h2 connection of the fast listener"
+    fast = backend.group(1) == "native" and os.environ.get("MESHPROXY_H2_FASTPATH") != "off"
+    assert {e.get("relay") for e in closes} == ({"native"} if fast else {None})

@@ -17,6 +17,7 @@ import yaml
 
 from meshproxy.config import Node, parse_marble_config
 from meshproxy.manifest import parse_manifest
+from meshproxy.runtime._main import DRAIN_GRACE, SHUTDOWN_GRACE
 
 K8S = Path(__file__).parent / "kubernetes"
 
@@ -92,6 +93,10 @@ def test_deployments_select_their_pods_and_marbles_start_meshproxy_run() -> None
                 mounts = {m["mountPath"] for m in c["volumeMounts"]}
                 assert "/etc/meshproxy/marble.yaml" in mounts
                 assert "/run/meshproxy/admin.sock" in json.dumps(c["readinessProbe"])
+        if d["metadata"]["name"] != "coordinator":
+            # room for meshproxy's drain on SIGTERM: the app's grace, then in-flight HTTP
+            grace = spec["template"]["spec"]["terminationGracePeriodSeconds"]
+            assert grace >= SHUTDOWN_GRACE + DRAIN_GRACE
 
 
 def test_services_route_to_pods_and_mark_our_tls_ports_opaque() -> None:

@@ -7,6 +7,7 @@ server certificate for 127.0.0.1, a client certificate for the coordinators.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -140,9 +141,10 @@ def test_etcd_nonce_claims_are_first_come_and_expire_with_their_lease(tmp_path: 
     from meshproxy.coordinator._etcd import EtcdStore, EtcdTLS
 
     tls = make_etcd_tls(tmp_path / "etcd-tls")
-    with etcd_server(tmp_path, tls=tls) as etcd:
-        store = EtcdStore([etcd.url], tls=EtcdTLS(tls.ca, tls.client_cert, tls.client_key))
-        other = EtcdStore([etcd.url], tls=EtcdTLS(tls.ca, tls.client_cert, tls.client_key))
+    with etcd_server(tmp_path, tls=tls) as etcd, contextlib.ExitStack() as stores:
+        files = EtcdTLS(tls.ca, tls.client_cert, tls.client_key)
+        store = stores.enter_context(contextlib.closing(EtcdStore([etcd.url], tls=files)))
+        other = stores.enter_context(contextlib.closing(EtcdStore([etcd.url], tls=files)))
         now = datetime.now(UTC)
         ids = [bytes([i]) * 16 for i in range(100)]  # more than one transaction's worth
         assert store.claim(ids[:70], now + timedelta(seconds=2), now) == set(ids[:70])
@@ -155,3 +157,78 @@ def test_etcd_nonce_claims_are_first_come_and_expire_with_their_lease(tmp_path: 
             20,
             "the nonce claim's lease to expire",
         )
+
+
+class _AnswerDropper:
+    """A TCP relay in front of etcd that passes requests on and drops etcd's answers."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        import socket
+        import threading
+
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.relayed = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import socket
+
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn, socket.create_connection(self.target) as upstream:
+                conn.settimeout(5)
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(65536)
+                head, _, body = request.partition(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                while len(body) < length:
+                    body += conn.recv(65536)
+                upstream.sendall(head + b"\r\n\r\n" + body)
+                upstream.recv(65536)  # etcd answered (and applied it); the client never knows
+                self.relayed += 1
+
+    def close(self) -> None:
+        import contextlib
+        import socket
+
+        with contextlib.suppress(OSError):  # wakes the accept() blocked in the thread
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+
+
+def test_a_transaction_whose_answer_is_lost_is_not_sent_again(tmp_path: Path) -> None:
+    from urllib.parse import urlsplit
+
+    from meshproxy.coordinator._etcd import EtcdStore
+    from meshproxy.errors import StoreError
+
+    with etcd_server(tmp_path) as etcd, contextlib.ExitStack() as stores:
+        parts = urlsplit(etcd.url)
+        dropper = _AnswerDropper((parts.hostname or "", parts.port or 0))
+        try:
+            # The relay first, etcd itself second: failing over would send the CAS again.
+            relayed = EtcdStore([f"http://127.0.0.1:{dropper.port}", etcd.url], timeout=2)
+            store = stores.enter_context(contextlib.closing(relayed))
+            with pytest.raises(StoreError, match="outcome is unknown"):
+                store.save_versioned(b"state one", 0)
+            assert dropper.relayed == 1
+            # It was applied: etcd holds it, exactly once (revision of one write).
+            direct = stores.enter_context(contextlib.closing(EtcdStore([etcd.url])))
+            blob, revision = direct.load_versioned()
+            assert blob == b"state one"
+            assert direct.save_versioned(b"state two", revision) > revision
+            # A relay that cannot be reached at all is skipped: nothing was sent.
+            dropper.close()
+            assert store.save_versioned(b"state three", revision + 1) > revision + 1
+        finally:
+            dropper.close()

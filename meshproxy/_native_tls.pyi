@@ -5,7 +5,7 @@ translates ``NativeError`` into the ``MeshError`` tree.
 """
 
 from collections.abc import Sequence
-from typing import Final, final
+from typing import Any, Final, final
 
 ENGINE_API: Final[int]
 """Version of the relay-engine interface; >= 1: Engine, Context and Event below exist;
@@ -16,6 +16,12 @@ HANDSHAKE: Final[int]
 HANDSHAKE_FAILED: Final[int]
 """Final event kind: the handshake failed (reason says why); the socket is closed."""
 CLOSED: Final[int]
+HTTP_REFUSED: Final[int]
+"""Event kind of an HTTP/2 relay: a request the route rules refused (``refusal``)."""
+HTTP_STATS: Final[int]
+"""Event kind of an HTTP/2 relay: request counters since the last ones (``http``)."""
+H2_RELAY: Final[int]
+"""1: ``Engine.relay_h2`` exists."""
 """Final event kind: the connection ended; reason None means EOF in both directions."""
 ACCEPTED: Final[int]
 """Event kind: an engine listener accepted the connection (its first event)."""
@@ -65,6 +71,10 @@ class Event(tuple[object, ...]):
     def tls_to_app(self) -> int: ...
     @property
     def app_to_tls(self) -> int: ...
+    @property
+    def http(self) -> dict[str, Any] | None: ...
+    @property
+    def refusal(self) -> tuple[int, int, str, str, str] | None: ...
     @property
     def listener(self) -> int:
         """The engine's listener that accepted the connection (0: handed over)."""
@@ -119,6 +129,10 @@ class Engine:
         """Stop accepting; the engine closes the listening socket. Idempotent."""
     def relay(self, conn_id: int, fd: int) -> None:
         """Relay a handshaken connection to the app's Unix socket; the engine owns ``fd``."""
+    def relay_h2(self, conn_id: int, fd: int, policy: tuple[Any, ...]) -> None:
+        """``relay`` as an HTTP/2 relay (client h2 -> app h2c), see native_tls/h2relay.h."""
+    def drain_h2(self, conn_id: int) -> None:
+        """Shutdown of an HTTP/2 relay: GOAWAY now, it ends when its streams are done."""
     def close(self, conn_id: int, reason: str) -> None:
         """End a connection; its final event carries ``reason``."""
     def events(self) -> list[Event]:
@@ -131,3 +145,22 @@ class Engine:
 
 def openssl_version() -> str:
     """``OpenSSL_version(OPENSSL_VERSION)`` of the libssl this module is linked against."""
+
+@final
+class H2Relay:
+    """The engine's HTTP/2 relay core without I/O (native_tls/h2relay.h), for tests."""
+
+    def __init__(self, policy: tuple[Any, ...]) -> None: ...
+    def feed_client(self, data: bytes, now_ns: int) -> bool: ...
+    def feed_app(self, data: bytes, now_ns: int) -> bool: ...
+    def take_app(self) -> bytes: ...
+    def take_client(self) -> bytes: ...
+    def refusals(self) -> list[tuple[int, int, str, str, str]]: ...
+    def stats(self, now_ns: int = 0, finish: bool = False) -> dict[str, Any]: ...
+    def drain(self) -> None: ...
+    @property
+    def drained(self) -> bool: ...
+    @property
+    def failed(self) -> bool: ...
+    @property
+    def error(self) -> str | None: ...

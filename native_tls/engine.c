@@ -68,7 +68,8 @@ typedef struct {
     size_t start, end;
 } buf_t;
 
-enum { CMD_HANDSHAKE = 1, CMD_RELAY, CMD_CLOSE, CMD_LISTEN, CMD_UNLISTEN };
+enum { CMD_HANDSHAKE = 1, CMD_RELAY, CMD_CLOSE, CMD_RELAY_H2, CMD_DRAIN_H2, CMD_LISTEN,
+       CMD_UNLISTEN };
 
 struct conn;
 typedef struct {
@@ -112,6 +113,7 @@ typedef struct cmd {
     int server_side;
     listener_t *l; /* CMD_LISTEN, CMD_UNLISTEN */
     mp_event *final;
+    h2r_policy *policy; /* CMD_RELAY_H2 */
     char text[CMD_TEXT]; /* SNI or close reason */
 } cmd_t;
 
@@ -143,6 +145,10 @@ typedef struct conn {
     struct conn *hs_prev, *hs_next;    /* the worker's handshake-deadline list */
     double deadline;                   /* listener connections: end of the handshake */
     int hs_linked;
+    h2r *h2;         /* HTTP/2 relay mode (h2relay.c), or NULL: bytes as they are */
+    uint64_t h2_posted; /* when its counters were last posted (ns) */
+    struct conn *h2_prev, *h2_next; /* on the worker's list of counters waiting to go */
+    unsigned h2_waiting : 1;
 } conn_t;
 
 typedef struct worker {
@@ -158,6 +164,8 @@ typedef struct worker {
     conn_t **table;
     size_t table_cap, count;
     conn_t *ready, *dead;
+    conn_t *h2_waiting;  /* HTTP/2 relays whose counters wait for their next slot */
+    uint64_t h2_due;     /* the earliest slot of those (ns); 0: none */
     char *pool[POOL_BUFFERS];
     int pooled;
     lslot_t *slots;         /* listeners this worker accepts on */
@@ -191,6 +199,11 @@ static BIO_METHOD *tio_method;
 static void pump(conn_t *c);
 static void conn_end(conn_t *c, const char *reason);
 static void hs_unlink(conn_t *c);
+static int h2_room(const h2r *r, int toward_app);
+static void h2_unwait(conn_t *c);
+static void h2_post_due(worker_t *w);
+static int h2_timeout_ms(const worker_t *w);
+static uint64_t now_ns(void);
 
 #define ADD(counter, n) atomic_fetch_add_explicit(&(counter), (n), memory_order_relaxed)
 #define SUB(counter, n) atomic_fetch_sub_explicit(&(counter), (n), memory_order_relaxed)
@@ -601,6 +614,8 @@ mp_event_free(mp_event *ev)
 {
     if (ev != NULL) {
         free(ev->peer_der);
+        h2r_stats_free(ev->http);
+        free(ev->refusal);
         free(ev);
     }
 }
@@ -690,19 +705,19 @@ update_interest(conn_t *c)
     if (c->state == ST_HANDSHAKE) {
         tcp |= c->hs_want == SSL_ERROR_WANT_READ ? EPOLLIN : EPOLLOUT;
     } else if (c->state == ST_RELAY) {
-        if (!c->tls_eof && buf_has_room(w, &c->to_app)) {
+        if (!c->tls_eof && (c->h2 ? h2_room(c->h2, 1) : buf_has_room(w, &c->to_app))) {
             tcp |= c->rd_want == SSL_ERROR_WANT_WRITE ? EPOLLOUT : EPOLLIN;
         }
-        if (buf_len(&c->to_tls) > 0 && !c->notify_sent) {
+        if ((c->h2 ? h2r_pending_client(c->h2) : buf_len(&c->to_tls)) > 0 && !c->notify_sent) {
             tcp |= c->wr_want == SSL_ERROR_WANT_READ ? EPOLLIN : EPOLLOUT;
         }
         if (c->sd_want) {
             tcp |= c->sd_want == SSL_ERROR_WANT_READ ? EPOLLIN : EPOLLOUT;
         }
-        if (!c->app_eof && buf_has_room(w, &c->to_tls)) {
+        if (!c->app_eof && (c->h2 ? h2_room(c->h2, 0) : buf_has_room(w, &c->to_tls))) {
             app |= EPOLLIN;
         }
-        if (buf_len(&c->to_app) > 0) {
+        if ((c->h2 ? h2r_pending_app(c->h2) : buf_len(&c->to_app)) > 0) {
             app |= EPOLLOUT;
         }
     }
@@ -824,6 +839,10 @@ conn_end(conn_t *c, const char *reason)
     snprintf(ev->reason, sizeof ev->reason, "%s", reason);
     ev->tls_to_app = c->tls_to_app;
     ev->app_to_tls = c->app_to_tls;
+    if (c->h2 != NULL) {
+        h2_unwait(c);
+        ev->http = h2r_finish(c->h2, now_ns());
+    }
     post(w->eng, ev);
     if (c->handshake_posted) {
         ADD(w->closed, 1);
@@ -844,6 +863,7 @@ reap(worker_t *w)
         conn_t *c = w->dead;
         w->dead = c->dnext;
         SSL_free(c->ssl); /* frees the BIO, which does not own the fd */
+        h2r_free(c->h2);
         buf_put(w, &c->to_app);
         buf_put(w, &c->to_tls);
         buf_put(w, &c->out);
@@ -1191,6 +1211,318 @@ buffer_to_tls(conn_t *c, int *progress)
     return 0;
 }
 
+/* -- HTTP/2 relay mode (h2relay.c decides; this moves its bytes) ------------------------------ */
+#define H2_HIGH (128 * 1024) /* bytes queued toward a side before we stop reading the other */
+
+static uint64_t
+now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Room to read the side that feeds `toward_app` (the client) or the client's way (the
+ * app). The client's bytes also make replies of ours: a client that sends and never reads
+ * is bounded too. */
+static int
+h2_room(const h2r *r, int toward_app)
+{
+    if (toward_app) {
+        return h2r_pending_app(r) < H2_HIGH && h2r_pending_client(r) < 4 * H2_HIGH;
+    }
+    return h2r_pending_client(r) < H2_HIGH;
+}
+
+static int
+h2_tls_in(conn_t *c, int *progress)
+{
+    unsigned char tmp[16384]; /* one TLS record */
+    while (!c->tls_eof && h2_room(c->h2, 1) && !h2r_failed(c->h2)) {
+        ERR_clear_error();
+        int n = SSL_read(c->ssl, tmp, (int)sizeof tmp);
+        if (n > 0) {
+            c->rd_want = 0;
+            *progress = 1;
+            c->tls_to_app += (uint64_t)n;
+            ADD(c->w->t2a, (uint64_t)n);
+            (void)h2r_feed_client(c->h2, tmp, (size_t)n, now_ns()); /* failure: see h2_pump */
+            continue;
+        }
+        int e = SSL_get_error(c->ssl, n);
+        if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+            c->rd_want = e;
+            break;
+        }
+        if (e == SSL_ERROR_ZERO_RETURN) {
+            c->tls_eof = 1;
+            *progress = 1;
+            break;
+        }
+        return fail_ssl(c, e);
+    }
+    return 0;
+}
+
+static int
+h2_to_app(conn_t *c, int *progress)
+{
+    size_t len;
+    const uint8_t *p;
+    while ((p = h2r_out_app(c->h2, &len)) != NULL && len > 0) {
+        ssize_t n = send(c->app_fd, p, len, MSG_NOSIGNAL);
+        if (n > 0) {
+            h2r_consumed_app(c->h2, (size_t)n);
+            *progress = 1;
+            continue;
+        }
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            break;
+        }
+        return fail_errno(c, "app", n < 0 ? errno : EIO);
+    }
+    if (c->tls_eof && h2r_pending_app(c->h2) == 0 && !c->app_shut) {
+        if (shutdown(c->app_fd, SHUT_WR) < 0 && errno != ENOTCONN) {
+            return fail_errno(c, "app", errno);
+        }
+        c->app_shut = 1;
+        *progress = 1;
+    }
+    return 0;
+}
+
+static int
+h2_app_in(conn_t *c, int *progress)
+{
+    unsigned char tmp[65536];
+    while (!c->app_eof && h2_room(c->h2, 0) && !h2r_failed(c->h2)) {
+        ssize_t n = recv(c->app_fd, tmp, sizeof tmp, 0);
+        if (n > 0) {
+            *progress = 1;
+            (void)h2r_feed_app(c->h2, tmp, (size_t)n, now_ns());
+            continue;
+        }
+        if (n == 0) {
+            c->app_eof = 1;
+            *progress = 1;
+            break;
+        }
+        if (errno == EINTR) {
+            continue;
+        }
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            break;
+        }
+        return fail_errno(c, "app", errno);
+    }
+    return 0;
+}
+
+static int
+h2_to_tls(conn_t *c, int *progress)
+{
+    if (flush_out(c, progress) < 0) {
+        return fail_errno(c, NULL, c->io_errno);
+    }
+    size_t len;
+    const uint8_t *p;
+    while ((p = h2r_out_client(c->h2, &len)) != NULL && len > 0) {
+        ERR_clear_error();
+        int n = SSL_write(c->ssl, p, len > (1u << 30) ? (int)(1u << 30) : (int)len);
+        if (n > 0) {
+            h2r_consumed_client(c->h2, (size_t)n);
+            c->app_to_tls += (uint64_t)n;
+            ADD(c->w->a2t, (uint64_t)n);
+            c->wr_want = 0;
+            *progress = 1;
+            continue;
+        }
+        int e = SSL_get_error(c->ssl, n);
+        if (e == SSL_ERROR_WANT_WRITE || e == SSL_ERROR_WANT_READ) {
+            c->wr_want = e;
+            break;
+        }
+        return fail_ssl(c, e);
+    }
+    if (c->app_eof && h2r_pending_client(c->h2) == 0 && !c->notify_sent) {
+        ERR_clear_error();
+        int r = SSL_shutdown(c->ssl);
+        if (r >= 0) {
+            c->notify_sent = 1;
+            c->sd_want = 0;
+            *progress = 1;
+        } else {
+            int e = SSL_get_error(c->ssl, r);
+            if (e != SSL_ERROR_WANT_WRITE && e != SSL_ERROR_WANT_READ) {
+                return fail_ssl(c, e);
+            }
+            c->sd_want = e;
+        }
+    }
+    int flushed = flush_out(c, progress);
+    if (flushed < 0) {
+        return fail_errno(c, NULL, c->io_errno);
+    }
+    if (c->notify_sent && flushed == 1 && !c->tcp_shut) {
+        if (shutdown(c->tcp_fd, SHUT_WR) < 0 && errno != ENOTCONN) {
+            return fail_errno(c, NULL, errno);
+        }
+        c->tcp_shut = 1;
+        *progress = 1;
+    }
+    return 0;
+}
+
+/* Requests the route rules refused: one event each, for Python's log line. */
+static void
+h2_post_refusals(conn_t *c)
+{
+    h2r_refusal list[32];
+    size_t n = h2r_take_refusals(c->h2, list, 32);
+    for (size_t i = 0; i < n; i++) {
+        mp_event *ev = calloc(1, sizeof *ev);
+        h2r_refusal *f = malloc(sizeof *f);
+        if (ev == NULL || f == NULL) {
+            free(ev);
+            free(f);
+            return; /* a log line lost; the counters still have it */
+        }
+        *f = list[i];
+        ev->conn_id = c->id;
+        ev->kind = MP_EV_HTTP_REFUSED;
+        ev->refusal = f;
+        post(c->w->eng, ev);
+    }
+}
+
+/* Counters reach /metrics while the connection lives, at most once per H2_STATS_NS per
+ * connection (Python's work per event is far more than per request): at once if the
+ * last post is that old, else in the connection's next slot (the worker's epoll timeout). */
+#define H2_STATS_NS 1000000000u
+
+static void
+h2_unwait(conn_t *c)
+{
+    if (!c->h2_waiting) {
+        return;
+    }
+    if (c->h2_prev) {
+        c->h2_prev->h2_next = c->h2_next;
+    } else {
+        c->w->h2_waiting = c->h2_next;
+    }
+    if (c->h2_next) {
+        c->h2_next->h2_prev = c->h2_prev;
+    }
+    c->h2_prev = c->h2_next = NULL;
+    c->h2_waiting = 0;
+}
+
+static void
+h2_post_now(conn_t *c, uint64_t now)
+{
+    mp_event *ev = calloc(1, sizeof *ev);
+    if (ev == NULL) {
+        return; /* later, or with the final event */
+    }
+    ev->http = h2r_take(c->h2);
+    if (ev->http == NULL) {
+        free(ev);
+        return;
+    }
+    ev->conn_id = c->id;
+    ev->kind = MP_EV_HTTP_STATS;
+    c->h2_posted = now;
+    post(c->w->eng, ev);
+}
+
+static void
+h2_post_stats(conn_t *c)
+{
+    if (!h2r_dirty(c->h2) || c->h2_waiting) {
+        return;
+    }
+    uint64_t now = now_ns();
+    if (now - c->h2_posted >= H2_STATS_NS) {
+        h2_post_now(c, now);
+        return;
+    }
+    worker_t *w = c->w;
+    c->h2_waiting = 1;
+    c->h2_prev = NULL;
+    c->h2_next = w->h2_waiting;
+    if (w->h2_waiting) {
+        w->h2_waiting->h2_prev = c;
+    }
+    w->h2_waiting = c;
+    uint64_t due = c->h2_posted + H2_STATS_NS;
+    if (w->h2_due == 0 || due < w->h2_due) {
+        w->h2_due = due;
+    }
+}
+
+/* The slots that came: post those counters. */
+static void
+h2_post_due(worker_t *w)
+{
+    if (w->h2_due == 0) {
+        return;
+    }
+    uint64_t now = now_ns();
+    if (now < w->h2_due) {
+        return;
+    }
+    w->h2_due = 0;
+    for (conn_t *c = w->h2_waiting, *next; c; c = next) {
+        next = c->h2_next;
+        uint64_t due = c->h2_posted + H2_STATS_NS;
+        if (due <= now) {
+            h2_unwait(c);
+            if (h2r_dirty(c->h2)) {
+                h2_post_now(c, now);
+            }
+        } else if (w->h2_due == 0 || due < w->h2_due) {
+            w->h2_due = due;
+        }
+    }
+}
+
+/* epoll_wait's timeout: until the next slot, or -1 */
+static int
+h2_timeout_ms(const worker_t *w)
+{
+    if (w->h2_due == 0) {
+        return -1;
+    }
+    uint64_t now = now_ns();
+    return w->h2_due <= now ? 0 : (int)((w->h2_due - now) / 1000000u) + 1;
+}
+
+static int
+h2_pump(conn_t *c, int *progress)
+{
+    if (h2_tls_in(c, progress) < 0 || h2_to_app(c, progress) < 0 ||
+        h2_app_in(c, progress) < 0 || h2_to_tls(c, progress) < 0) {
+        return -1;
+    }
+    h2_post_refusals(c);
+    h2_post_stats(c);
+    if (h2r_drained(c->h2) && buf_len(&c->out) == 0) { /* shutdown: GOAWAY, streams done */
+        conn_end(c, "drained");
+        return -1;
+    }
+    if (h2r_failed(c->h2)) { /* its GOAWAY went out with h2_to_tls, as far as it could */
+        char reason[MP_REASON_MAX];
+        snprintf(reason, sizeof reason, "%s", h2r_error(c->h2));
+        conn_end(c, reason);
+        return -1;
+    }
+    return 0;
+}
+
 static void
 make_ready(conn_t *c)
 {
@@ -1207,8 +1539,12 @@ pump(conn_t *c)
     int round;
     for (round = 0; round < PUMP_ROUNDS; round++) {
         int progress = 0;
-        if (tls_to_buffer(c, &progress) < 0 || buffer_to_app(c, &progress) < 0 ||
-            app_to_buffer(c, &progress) < 0 || buffer_to_tls(c, &progress) < 0) {
+        if (c->h2 != NULL) {
+            if (h2_pump(c, &progress) < 0) {
+                return; /* ended */
+            }
+        } else if (tls_to_buffer(c, &progress) < 0 || buffer_to_app(c, &progress) < 0 ||
+                   app_to_buffer(c, &progress) < 0 || buffer_to_tls(c, &progress) < 0) {
             return; /* ended */
         }
         if (!progress) {
@@ -1241,6 +1577,14 @@ start_relay(worker_t *w, cmd_t *cmd)
     }
     c->app_fd = cmd->fd;
     cmd->fd = -1;
+    if (cmd->op == CMD_RELAY_H2) {
+        c->h2 = h2r_new(cmd->policy); /* takes the policy, also when it fails */
+        cmd->policy = NULL;
+        if (c->h2 == NULL) {
+            conn_end(c, "out of memory");
+            return;
+        }
+    }
     if (set_nonblocking(c->app_fd) < 0) {
         fail_errno(c, "app", errno);
         return;
@@ -1594,6 +1938,7 @@ dispose(worker_t *w, cmd_t *cmd)
         cmd->final = NULL;
     }
     SSL_CTX_free(cmd->ctx);
+    h2r_policy_free(cmd->policy);
     free(cmd);
 }
 
@@ -1621,6 +1966,7 @@ run_commands(worker_t *w, cmd_t *list)
             start_handshake(w, cmd);
             break;
         case CMD_RELAY:
+        case CMD_RELAY_H2:
             start_relay(w, cmd);
             break;
         case CMD_CLOSE:
@@ -1636,6 +1982,13 @@ run_commands(worker_t *w, cmd_t *list)
             remove_slot(w, cmd->l);
             if (tl_wake != NULL) {
                 tl_wake->now = 1; /* what it accepted so far reaches the drain at once */
+            }
+            break;
+        case CMD_DRAIN_H2:
+            if ((c = conn_find(w, cmd->conn_id)) != NULL && c->h2 != NULL &&
+                c->state == ST_RELAY) {
+                h2r_drain(c->h2);
+                pump(c);
             }
             break;
         default:
@@ -1694,6 +2047,10 @@ worker_main(void *arg)
     tl_wake = &ws;
     while (!stopping) {
         int timeout = run_timers(w);
+        int h2 = h2_timeout_ms(w);
+        if (h2 >= 0 && (timeout < 0 || h2 < timeout)) {
+            timeout = h2;
+        }
         if (ws.lazy > 0 && !ws.now) {
             double left = ws.lazy - now_s();
             if (left <= 0) {
@@ -1732,6 +2089,7 @@ worker_main(void *arg)
             }
         }
         run_ready(w);
+        h2_post_due(w);
         reap(w);
     }
     worker_stop(w);
@@ -1930,6 +2288,35 @@ int
 mp_engine_relay(mp_engine *e, uint64_t conn_id, int app_fd, char *err, size_t errlen)
 {
     return submit_simple(e, CMD_RELAY, conn_id, app_fd, NULL, err, errlen);
+}
+
+int
+mp_engine_relay_h2(mp_engine *e, uint64_t conn_id, int app_fd, h2r_policy *policy, char *err,
+                   size_t errlen)
+{
+    cmd_t *cmd = calloc(1, sizeof *cmd);
+    if (cmd == NULL) {
+        h2r_policy_free(policy);
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    cmd->op = CMD_RELAY_H2;
+    cmd->conn_id = conn_id;
+    cmd->fd = app_fd;
+    cmd->policy = policy;
+    if (submit(e, cmd) < 0) {
+        h2r_policy_free(policy);
+        free(cmd);
+        snprintf(err, errlen, "engine is shut down");
+        return -1;
+    }
+    return 0;
+}
+
+int
+mp_engine_drain_h2(mp_engine *e, uint64_t conn_id, char *err, size_t errlen)
+{
+    return submit_simple(e, CMD_DRAIN_H2, conn_id, -1, NULL, err, errlen);
 }
 
 int

@@ -31,7 +31,10 @@
 
 #include <openssl/ssl.h>
 
-enum { MP_EV_HANDSHAKE = 1, MP_EV_HANDSHAKE_FAILED = 2, MP_EV_CLOSED = 3, MP_EV_ACCEPTED = 4 };
+#include "h2relay.h"
+
+enum { MP_EV_HANDSHAKE = 1, MP_EV_HANDSHAKE_FAILED = 2, MP_EV_CLOSED = 3, MP_EV_ACCEPTED = 4,
+       MP_EV_HTTP_REFUSED = 5, MP_EV_HTTP_STATS = 6 };
 /* MP_EV_ACCEPTED: a listener accepted the connection (first event of every listener
  * connection; its handshake runs). */
 
@@ -55,6 +58,8 @@ typedef struct mp_event {
     char remote[64];     /* listener connections: the peer's "host:port" */
     char peer_id[256];   /* relaying: the peer's SPIFFE ID ("" for an anonymous client) */
     char peer_uuid[64];  /* relaying: the peer's instance UUID, or "" */
+    h2r_stats *http;         /* HTTP_STATS, CLOSED of an HTTP/2 relay: counters since the last */
+    h2r_refusal *refusal;    /* MP_EV_HTTP_REFUSED: a request the route rules refused */
 } mp_event;
 
 typedef struct {
@@ -99,6 +104,13 @@ int mp_engine_threads(const mp_engine *e);
 int mp_engine_handshake(mp_engine *e, int fd, SSL_CTX *ctx, int server_side, const char *sni,
                         uint64_t *conn_id, char *err, size_t errlen);
 int mp_engine_relay(mp_engine *e, uint64_t conn_id, int app_fd, char *err, size_t errlen);
+/* Like mp_engine_relay, but the relay speaks HTTP/2 (h2relay.h) with this policy, which the
+ * engine owns from the call on (also when it fails). */
+int mp_engine_relay_h2(mp_engine *e, uint64_t conn_id, int app_fd, h2r_policy *policy, char *err,
+                       size_t errlen);
+/* Shutdown of an HTTP/2 relay: GOAWAY now, the connection ends when its streams are done
+ * (reason "drained"). A no-op for other connections. */
+int mp_engine_drain_h2(mp_engine *e, uint64_t conn_id, char *err, size_t errlen);
 int mp_engine_close(mp_engine *e, uint64_t conn_id, const char *reason, char *err, size_t errlen);
 /* 0 and *listener_id set, or -1 with err (the caller keeps fd). */
 int mp_engine_listen(mp_engine *e, const mp_listener_config *cfg, uint32_t *listener_id,

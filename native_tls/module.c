@@ -23,6 +23,7 @@
 
 #define MESHPROXY_ENGINE_API 2 /* 2: listeners accepted by the engine */
 #define ERR_MAX 256
+#define EVENT_FIELDS 16
 
 static PyObject *NativeError;
 static PyTypeObject *EventType;
@@ -410,6 +411,131 @@ Engine_relay(EngineObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* relay_h2's policy: (headers, tables, max_streams, max_header_bytes, burst, rate) where
+ * headers = [(name, value)], tables = [(nomatch, [(methods, path, exact, allowed, reason)])]
+ * (bytes). */
+static h2r_policy *
+policy_from(PyObject *spec)
+{
+    PyObject *headers, *tables;
+    unsigned int max_streams, max_header_bytes, burst;
+    double rate;
+    if (!PyArg_ParseTuple(spec, "O!O!IIId;policy must be (headers, tables, max_streams, "
+                          "max_header_bytes, reset_burst, reset_rate)", &PyList_Type, &headers,
+                          &PyList_Type, &tables, &max_streams, &max_header_bytes, &burst, &rate)) {
+        return NULL;
+    }
+    if (max_streams < 1 || max_header_bytes < 1024 || rate < 0) {
+        PyErr_SetString(PyExc_ValueError, "policy limits out of range");
+        return NULL;
+    }
+    h2r_policy *p = h2r_policy_new(max_streams, max_header_bytes, burst, rate);
+    if (p == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(headers); i++) {
+        const char *name, *value;
+        Py_ssize_t nlen, vlen;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(headers, i), "y#y#;a header is (name, value)",
+                              &name, &nlen, &value, &vlen)) {
+            goto fail;
+        }
+        if (h2r_policy_add_header(p, name, (size_t)nlen, value, (size_t)vlen) < 0) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+    }
+    for (Py_ssize_t t = 0; t < PyList_GET_SIZE(tables); t++) {
+        PyObject *rules;
+        const char *nomatch;
+        Py_ssize_t nomatch_len;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(tables, t), "y#O!;a route table is (nomatch, rules)",
+                              &nomatch, &nomatch_len, &PyList_Type, &rules)) {
+            goto fail;
+        }
+        if (h2r_policy_add_table(p, nomatch, (size_t)nomatch_len) < 0) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(rules); i++) {
+            PyObject *methods;
+            const char *path, *why;
+            Py_ssize_t plen, why_len;
+            int exact, allowed;
+            if (!PyArg_ParseTuple(PyList_GET_ITEM(rules, i),
+                                  "O!y#ppy#;a rule is (methods, path, exact, allowed, reason)",
+                                  &PyTuple_Type, &methods, &path, &plen, &exact, &allowed, &why,
+                                  &why_len)) {
+                goto fail;
+            }
+            Py_ssize_t nm = PyTuple_GET_SIZE(methods);
+            const char *names[32];
+            size_t lens[32];
+            if (nm > 32) {
+                PyErr_SetString(PyExc_ValueError, "at most 32 methods per rule");
+                goto fail;
+            }
+            for (Py_ssize_t m = 0; m < nm; m++) {
+                PyObject *item = PyTuple_GET_ITEM(methods, m);
+                if (!PyBytes_Check(item)) {
+                    PyErr_SetString(PyExc_TypeError, "methods are bytes");
+                    goto fail;
+                }
+                names[m] = PyBytes_AS_STRING(item);
+                lens[m] = (size_t)PyBytes_GET_SIZE(item);
+            }
+            if (h2r_policy_add_rule(p, names, lens, (size_t)nm, path, (size_t)plen, exact,
+                                    allowed, why, (size_t)why_len) < 0) {
+                PyErr_NoMemory();
+                goto fail;
+            }
+        }
+    }
+    return p;
+fail:
+    h2r_policy_free(p);
+    return NULL;
+}
+
+static PyObject *
+Engine_relay_h2(EngineObject *self, PyObject *args)
+{
+    unsigned long long conn_id;
+    int fd;
+    PyObject *spec;
+    if (!PyArg_ParseTuple(args, "KiO!", &conn_id, &fd, &PyTuple_Type, &spec)) {
+        return NULL;
+    }
+    if (fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "fd must not be negative");
+        return NULL;
+    }
+    h2r_policy *policy = policy_from(spec);
+    if (policy == NULL) {
+        return NULL;
+    }
+    char err[ERR_MAX] = "";
+    if (mp_engine_relay_h2(self->engine, conn_id, fd, policy, err, sizeof err) < 0) {
+        return raise_native(err); /* the engine freed the policy */
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Engine_drain_h2(EngineObject *self, PyObject *args)
+{
+    unsigned long long conn_id;
+    if (!PyArg_ParseTuple(args, "K", &conn_id)) {
+        return NULL;
+    }
+    char err[ERR_MAX] = "";
+    if (mp_engine_drain_h2(self->engine, conn_id, err, sizeof err) < 0) {
+        return raise_native(err);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 Engine_close(EngineObject *self, PyObject *args)
 {
@@ -435,13 +561,78 @@ optional_str(const char *s)
 }
 
 static PyObject *
+u64_list(const uint64_t *v, size_t n)
+{
+    PyObject *out = PyList_New((Py_ssize_t)n);
+    for (size_t i = 0; out != NULL && i < n; i++) {
+        PyObject *x = PyLong_FromUnsignedLongLong(v ? v[i] : 0);
+        if (x == NULL) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyList_SET_ITEM(out, (Py_ssize_t)i, x);
+    }
+    return out;
+}
+
+static PyObject *
+http_stats_object(const h2r_stats *st)
+{
+    PyObject *outcomes = PyList_New(0);
+    for (size_t i = 0; outcomes != NULL && i < st->noutcomes; i++) {
+        const h2r_outcome *o = &st->outcomes[i];
+        PyObject *buckets = u64_list(o->buckets, H2R_LATENCY_BUCKETS);
+        PyObject *grpc = o->grpc_status < 0 ? Py_NewRef(Py_None)
+                                            : PyLong_FromLong(o->grpc_status);
+        PyObject *item = buckets && grpc ? Py_BuildValue("(iOOKKOd)", o->status, grpc,
+                                                         o->ok ? Py_True : Py_False, o->count,
+                                                         o->timed, buckets, o->latency_sum_ms)
+                                         : NULL;
+        Py_XDECREF(buckets);
+        Py_XDECREF(grpc);
+        if (item == NULL || PyList_Append(outcomes, item) < 0) {
+            Py_XDECREF(item);
+            Py_CLEAR(outcomes);
+            break;
+        }
+        Py_DECREF(item);
+    }
+    PyObject *allow = u64_list(st->rule_allow, st->nrules);
+    PyObject *deny = u64_list(st->rule_deny, st->nrules);
+    PyObject *goaway = st->goaway_code == UINT32_MAX ? Py_NewRef(Py_None)
+                                                     : PyLong_FromUnsignedLong(st->goaway_code);
+    PyObject *out = NULL;
+    if (outcomes && allow && deny && goaway) {
+        out = Py_BuildValue("{s:K,s:O,s:O,s:O,s:K,s:K,s:K,s:K,s:O}", "requests", st->requests,
+                            "outcomes", outcomes, "rule_allow", allow, "rule_deny", deny,
+                            "deny_nomatch", st->deny_nomatch, "deny_badpath", st->deny_badpath,
+                            "refused_streams", st->refused_streams, "resets", st->resets,
+                            "goaway", goaway);
+    }
+    Py_XDECREF(outcomes);
+    Py_XDECREF(allow);
+    Py_XDECREF(deny);
+    Py_XDECREF(goaway);
+    return out;
+}
+
+static PyObject *
+refusal_object(const h2r_refusal *f)
+{
+    return Py_BuildValue("(kiNNN)", (unsigned long)f->stream_id, f->status,
+                         PyUnicode_DecodeLatin1(f->method, (Py_ssize_t)strlen(f->method), NULL),
+                         PyUnicode_DecodeLatin1(f->path, (Py_ssize_t)strlen(f->path), NULL),
+                         PyUnicode_DecodeLatin1(f->reason, (Py_ssize_t)strlen(f->reason), NULL));
+}
+
+static PyObject *
 event_object(const mp_event *ev)
 {
     PyObject *item = PyStructSequence_New(EventType);
     if (item == NULL) {
         return NULL;
     }
-    PyObject *fields[14] = {
+    PyObject *fields[EVENT_FIELDS] = {
         PyLong_FromUnsignedLongLong(ev->conn_id),
         PyLong_FromLong(ev->kind),
         optional_str(ev->reason),
@@ -454,6 +645,8 @@ event_object(const mp_event *ev)
         optional_str(ev->cipher),
         PyLong_FromUnsignedLongLong(ev->tls_to_app),
         PyLong_FromUnsignedLongLong(ev->app_to_tls),
+        ev->http ? http_stats_object(ev->http) : Py_NewRef(Py_None),
+        ev->refusal ? refusal_object(ev->refusal) : Py_NewRef(Py_None),
         PyLong_FromUnsignedLong(ev->listener),
         PyBool_FromLong(ev->relaying),
         optional_str(ev->remote),
@@ -461,7 +654,7 @@ event_object(const mp_event *ev)
         optional_str(ev->peer_uuid),
     };
     int ok = 1;
-    for (int i = 0; i < 14; i++) {
+    for (int i = 0; i < EVENT_FIELDS; i++) {
         if (fields[i] == NULL) {
             ok = 0;
             fields[i] = Py_NewRef(Py_None);
@@ -539,6 +732,13 @@ static PyMethodDef Engine_methods[] = {
     {"relay", (PyCFunction)Engine_relay, METH_VARARGS,
      "relay(conn_id, fd) -> None\n\nRelay the connection to the app's Unix socket fd. On "
      "success the engine owns fd (and closes it if the connection already ended)."},
+    {"relay_h2", (PyCFunction)Engine_relay_h2, METH_VARARGS,
+     "relay_h2(conn_id, fd, policy) -> None\n\nLike relay(), but as an HTTP/2 relay (client h2 "
+     "-> app h2c) that decodes request heads: policy = (headers, tables, max_streams, "
+     "max_header_bytes, reset_burst, reset_rate); see native_tls/h2relay.h."},
+    {"drain_h2", (PyCFunction)Engine_drain_h2, METH_VARARGS,
+     "drain_h2(conn_id) -> None\n\nShutdown of an HTTP/2 relay: GOAWAY now; it ends "
+     "(reason 'drained') once its streams are done."},
     {"close", (PyCFunction)Engine_close, METH_VARARGS,
      "close(conn_id, reason) -> None\n\nEnd a connection; its final event carries reason."},
     {"events", (PyCFunction)Engine_events, METH_NOARGS,
@@ -567,6 +767,194 @@ static PyTypeObject EngineType = {
     .tp_getset = Engine_getset,
 };
 
+/* -- H2Relay: the HTTP/2 relay core alone (sans-IO), for tests and fuzzing ----------------- */
+typedef struct {
+    PyObject_HEAD
+    h2r *relay;
+} H2RelayObject;
+
+static PyObject *
+H2Relay_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"policy", NULL};
+    PyObject *spec;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!", kwlist, &PyTuple_Type, &spec)) {
+        return NULL;
+    }
+    h2r_policy *policy = policy_from(spec);
+    if (policy == NULL) {
+        return NULL;
+    }
+    h2r *relay = h2r_new(policy);
+    if (relay == NULL) {
+        return PyErr_NoMemory();
+    }
+    H2RelayObject *self = (H2RelayObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        h2r_free(relay);
+        return NULL;
+    }
+    self->relay = relay;
+    return (PyObject *)self;
+}
+
+static void
+H2Relay_dealloc(H2RelayObject *self)
+{
+    h2r_free(self->relay);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+H2Relay_feed(H2RelayObject *self, PyObject *args, int client)
+{
+    Py_buffer data;
+    unsigned long long now;
+    if (!PyArg_ParseTuple(args, "y*K", &data, &now)) {
+        return NULL;
+    }
+    int rc = client ? h2r_feed_client(self->relay, data.buf, (size_t)data.len, now)
+                    : h2r_feed_app(self->relay, data.buf, (size_t)data.len, now);
+    PyBuffer_Release(&data);
+    return PyBool_FromLong(rc == 0);
+}
+
+static PyObject *
+H2Relay_feed_client(H2RelayObject *self, PyObject *args)
+{
+    return H2Relay_feed(self, args, 1);
+}
+
+static PyObject *
+H2Relay_feed_app(H2RelayObject *self, PyObject *args)
+{
+    return H2Relay_feed(self, args, 0);
+}
+
+static PyObject *
+H2Relay_take(H2RelayObject *self, int app)
+{
+    size_t len;
+    const uint8_t *p = app ? h2r_out_app(self->relay, &len) : h2r_out_client(self->relay, &len);
+    PyObject *out = PyBytes_FromStringAndSize((const char *)p, p ? (Py_ssize_t)len : 0);
+    if (out != NULL && len > 0) {
+        if (app) {
+            h2r_consumed_app(self->relay, len);
+        } else {
+            h2r_consumed_client(self->relay, len);
+        }
+    }
+    return out;
+}
+
+static PyObject *
+H2Relay_take_app(H2RelayObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return H2Relay_take(self, 1);
+}
+
+static PyObject *
+H2Relay_take_client(H2RelayObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return H2Relay_take(self, 0);
+}
+
+static PyObject *
+H2Relay_refusals(H2RelayObject *self, PyObject *Py_UNUSED(ignored))
+{
+    h2r_refusal list[32];
+    size_t n = h2r_take_refusals(self->relay, list, 32);
+    PyObject *out = PyList_New(0);
+    for (size_t i = 0; out != NULL && i < n; i++) {
+        PyObject *item = refusal_object(&list[i]);
+        if (item == NULL || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            Py_CLEAR(out);
+            break;
+        }
+        Py_DECREF(item);
+    }
+    return out;
+}
+
+static PyObject *
+H2Relay_stats(H2RelayObject *self, PyObject *args)
+{
+    unsigned long long now = 0;
+    int finish = 0;
+    if (!PyArg_ParseTuple(args, "|Kp", &now, &finish)) {
+        return NULL;
+    }
+    h2r_stats *st = finish ? h2r_finish(self->relay, now) : h2r_take(self->relay);
+    if (st == NULL) {
+        return PyErr_NoMemory();
+    }
+    PyObject *out = http_stats_object(st);
+    h2r_stats_free(st);
+    return out;
+}
+
+static PyObject *
+H2Relay_drain(H2RelayObject *self, PyObject *Py_UNUSED(ignored))
+{
+    h2r_drain(self->relay);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+H2Relay_get_drained(H2RelayObject *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(h2r_drained(self->relay));
+}
+
+static PyObject *
+H2Relay_get_failed(H2RelayObject *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(h2r_failed(self->relay));
+}
+
+static PyObject *
+H2Relay_get_error(H2RelayObject *self, void *Py_UNUSED(closure))
+{
+    return optional_str(h2r_error(self->relay));
+}
+
+static PyMethodDef H2Relay_methods[] = {
+    {"feed_client", (PyCFunction)H2Relay_feed_client, METH_VARARGS,
+     "feed_client(data, now_ns) -> bool\n\nBytes the client sent; False once the relay failed."},
+    {"feed_app", (PyCFunction)H2Relay_feed_app, METH_VARARGS,
+     "feed_app(data, now_ns) -> bool\n\nBytes the app sent; False once the relay failed."},
+    {"take_app", (PyCFunction)H2Relay_take_app, METH_NOARGS, "Bytes for the app (taken)."},
+    {"take_client", (PyCFunction)H2Relay_take_client, METH_NOARGS,
+     "Bytes for the client (taken)."},
+    {"refusals", (PyCFunction)H2Relay_refusals, METH_NOARGS,
+     "Refused requests since the last call: (stream_id, status, method, path, reason)."},
+    {"drain", (PyCFunction)H2Relay_drain, METH_NOARGS, "Shutdown: GOAWAY, no new streams."},
+    {"stats", (PyCFunction)H2Relay_stats, METH_VARARGS,
+     "stats(now_ns=0, finish=False) -> dict\n\nCounters since the last call; finish: count "
+     "open streams as reset first."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef H2Relay_getset[] = {
+    {"failed", (getter)H2Relay_get_failed, NULL, "The relay failed (GOAWAY queued).", NULL},
+    {"drained", (getter)H2Relay_get_drained, NULL, "Drained: every stream done.", NULL},
+    {"error", (getter)H2Relay_get_error, NULL, "Why it failed, or None.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject H2RelayType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "meshproxy._native_tls.H2Relay",
+    .tp_basicsize = sizeof(H2RelayObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "H2Relay(policy)\n\nThe engine's HTTP/2 relay core without I/O "
+              "(native_tls/h2relay.h): feed bytes, take bytes. For tests.",
+    .tp_new = H2Relay_new,
+    .tp_dealloc = (destructor)H2Relay_dealloc,
+    .tp_methods = H2Relay_methods,
+    .tp_getset = H2Relay_getset,
+};
+
 /* -- module -------------------------------------------------------------------------------- */
 static PyStructSequence_Field event_fields[] = {
     {"conn_id", "the connection"},
@@ -578,6 +966,8 @@ static PyStructSequence_Field event_fields[] = {
     {"cipher", "HANDSHAKE: the cipher suite"},
     {"tls_to_app", "CLOSED: plaintext bytes delivered to the app"},
     {"app_to_tls", "CLOSED: plaintext bytes taken from the app into TLS"},
+    {"http", "HTTP_STATS, CLOSED of an HTTP/2 relay: request counters since the last (dict)"},
+    {"refusal", "HTTP_REFUSED: (stream_id, status, method, path, reason)"},
     {"listener", "the engine's listener that accepted it (0: handed over by handshake())"},
     {"relaying", "HANDSHAKE: identity checked and app connected by the engine; relaying"},
     {"remote", "listener connections: the peer's host:port"},
@@ -590,7 +980,7 @@ static PyStructSequence_Desc event_desc = {
     "meshproxy._native_tls.Event",
     "What the engine reports about a connection.",
     event_fields,
-    14,
+    EVENT_FIELDS,
 };
 
 static PyObject *
@@ -633,7 +1023,8 @@ native_tls_exec(PyObject *module)
             return -1;
         }
     }
-    if (PyType_Ready(&ContextType) < 0 || PyType_Ready(&EngineType) < 0) {
+    if (PyType_Ready(&ContextType) < 0 || PyType_Ready(&EngineType) < 0 ||
+        PyType_Ready(&H2RelayType) < 0) {
         return -1;
     }
     if (PyModule_AddIntConstant(module, "ENGINE_API", MESHPROXY_ENGINE_API) < 0 ||
@@ -641,10 +1032,14 @@ native_tls_exec(PyObject *module)
         PyModule_AddIntConstant(module, "HANDSHAKE_FAILED", MP_EV_HANDSHAKE_FAILED) < 0 ||
         PyModule_AddIntConstant(module, "CLOSED", MP_EV_CLOSED) < 0 ||
         PyModule_AddIntConstant(module, "ACCEPTED", MP_EV_ACCEPTED) < 0 ||
+        PyModule_AddIntConstant(module, "HTTP_REFUSED", MP_EV_HTTP_REFUSED) < 0 ||
+        PyModule_AddIntConstant(module, "HTTP_STATS", MP_EV_HTTP_STATS) < 0 ||
+        PyModule_AddIntConstant(module, "H2_RELAY", 1) < 0 ||
         PyModule_AddObjectRef(module, "NativeError", NativeError) < 0 ||
         PyModule_AddObjectRef(module, "Event", (PyObject *)EventType) < 0 ||
         PyModule_AddObjectRef(module, "Context", (PyObject *)&ContextType) < 0 ||
-        PyModule_AddObjectRef(module, "Engine", (PyObject *)&EngineType) < 0) {
+        PyModule_AddObjectRef(module, "Engine", (PyObject *)&EngineType) < 0 ||
+        PyModule_AddObjectRef(module, "H2Relay", (PyObject *)&H2RelayType) < 0) {
         return -1;
     }
     return 0;

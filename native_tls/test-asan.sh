@@ -36,7 +36,8 @@ cd "$TMP/lib"  # python -m puts the working directory first: the shadow package 
 echo "== native tests under ASan + UBSan"
 status=0
 "$PY" -m pytest -p no:cacheprovider -c "$ROOT/pyproject.toml" --rootdir "$ROOT" -q \
-    "$ROOT/tests/test_native_engine.py" "$ROOT/tests/test_proxy_relay.py" \
+    "$ROOT/tests/test_native_engine.py" "$ROOT/tests/test_proxy_relay.py" "$ROOT/tests/test_h2relay.py" \
+    "$ROOT/tests/test_h2native.py" \
     -k "not curl" "$@" || status=$?
 
 reports=$(find "$TMP" -maxdepth 1 -name 'report.*' | sort)

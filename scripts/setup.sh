@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-DEBS=(libssl-dev openssl curl redis-server redis-tools tcpdump iproute2 procps etcd-server nghttp2-client haproxy nginx stunnel4)
+DEBS=(libssl-dev libnghttp2-dev openssl curl redis-server redis-tools tcpdump iproute2 procps etcd-server nghttp2-client haproxy nginx stunnel4)
 
 missing=()
 for pkg in "${DEBS[@]}"; do

@@ -87,3 +87,19 @@ def test_recovery_secret_files_decrypt_raw_or_base64() -> None:
         decrypt_secret(blob, other, "f")
     with pytest.raises(UsageError, match="cannot decrypt"):
         decrypt_secret(b"short", key, "f")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seal", "simulation"], "--seal simulation needs --simulation"),
+        (["--simulation", "--device-dir", "/x"], "--device-dir is only for --seal gramine"),
+        (["--seal", "none", "--device-dir", "/x"], "--device-dir is only for --seal gramine"),
+    ],
+)
+def test_seal_options_are_checked_before_start(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, err = one_line_error(["coordinator", "--state-dir", str(tmp_path), *argv], capsys)
+    assert status == 2
+    assert message in err

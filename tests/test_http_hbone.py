@@ -7,11 +7,18 @@ ztunnel dials); the outbound is our own, in front of our inbound.
 from __future__ import annotations
 
 import asyncio
+import logging
+import ssl
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import h2.events
+import h2.settings
+import pytest
 import test_http_proxy as base
 
+from meshproxy import pki
 from meshproxy.proxy import (
     ConnectionSet,
     InboundListener,
@@ -88,7 +95,7 @@ async def connect(c: H2, authority: str = "10.0.0.7:8080") -> int:
         [
             (":method", "CONNECT"),
             (":authority", authority),
-            ("forwarded", 'for="10.0.0.9:1234"'),
+            ("forwarded", 'for="10.0.0.9:1234";host=backend.default.svc.cluster.local'),
             ("baggage", "k=v"),
             ("traceparent", "00-" + "1" * 32 + "-" + "2" * 16 + "-01"),
         ],
@@ -125,6 +132,56 @@ def test_connect_streams_become_byte_streams_to_the_app(ca: Pki, workdir: Path) 
         assert [_data(c, s) for s in sids] == [f"payload-{i}".encode() for i in range(100)]
         await c.close()
         app.close()
+
+    run(scenario())
+
+
+def test_a_client_with_ztunnels_http2_settings_moves_megabytes_both_ways(
+    ca: Pki, workdir: Path
+) -> None:
+    """ztunnel's HBONE client: 4 MiB stream and 16 MiB connection windows, 1 MiB frames,
+    no push, and its CONNECT headers (meshpeers.md 2c)."""
+    payload = bytes(range(256)) * 8192  # 2 MiB
+
+    async def scenario() -> None:
+        app = await echo_app(workdir / "inbound-tunnel.sock")
+        try:
+            mesh = await start_hbone(ca, workdir)
+            c = await H2.tls(mesh.port, ca)
+            codes = h2.settings.SettingCodes
+            c.conn.update_settings(
+                {codes.INITIAL_WINDOW_SIZE: 4 << 20, codes.MAX_FRAME_SIZE: 1 << 20,
+                 codes.ENABLE_PUSH: 0, codes.MAX_HEADER_LIST_SIZE: 16 << 10}
+            )  # fmt: skip
+            c.conn.increment_flow_control_window((16 << 20) - 65535)
+            sid = c.conn.get_next_available_stream_id()
+            c.conn.send_headers(
+                sid,
+                [(":method", "CONNECT"), (":authority", "10.244.0.12:8080"),
+                 ("baggage", "k8s.namespace.name=default,k8s.workload.name=client"),
+                 ("forwarded", 'for="10.244.0.9:39012";host=backend.default.svc.cluster.local'),
+                 ("traceparent", "00-" + "a" * 32 + "-" + "b" * 16 + "-01"),
+                 ("x-forwarded-network", "net1")],
+            )  # fmt: skip
+            await c.flush()
+            await c.until(lambda: _status(c, sid) is not None)
+            assert _status(c, sid) == 200
+            view = memoryview(payload)
+            while view:  # within the server's windows, as a client must
+                await c.until(lambda: c.conn.local_flow_control_window(sid) > 0)
+                n = min(len(view), c.conn.local_flow_control_window(sid),
+                        c.conn.max_outbound_frame_size)  # fmt: skip
+                c.conn.send_data(sid, view[:n].tobytes(), end_stream=n == len(view))
+                view = view[n:]
+                await c.flush()
+            ended = lambda: any(  # noqa: E731
+                isinstance(e, h2.events.StreamEnded) and e.stream_id == sid for e in c.events
+            )
+            await c.until(ended, timeout=30)
+            assert _data(c, sid) == payload
+            await c.close()
+        finally:
+            app.close()
 
     run(scenario())
 
@@ -199,6 +256,78 @@ def test_hbone_streams_can_carry_the_proxy_v2_identity_header(ca: Pki, workdir: 
     assert parsed is not None
     assert parsed[0].spiffe_id == f"spiffe://{DOMAIN}/marble/frontend"
     assert parsed[0].destination == ("10.1.2.3", 443)  # the CONNECT authority
+
+
+def test_a_caller_of_our_domain_that_may_not_call_gets_401_on_each_connect(
+    ca: Pki, workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ztunnel's semantics: the handshake takes the chain-verified peer, CONNECT says 401."""
+    seen: list[bytes] = []
+
+    async def scenario() -> None:
+        app = await echo_app(workdir / "inbound-tunnel.sock", seen)
+        try:
+            mesh = await start_hbone(ca, workdir)  # allows frontend only
+            c = await H2.tls(mesh.port, ca, who="intruder")
+            sids = [await connect(c, "10.0.0.7:8080"), await connect(c, "[fd00::7]:8080")]
+            ended = lambda: {e.stream_id for e in c.events if isinstance(e, h2.events.StreamEnded)}  # noqa: E731
+            await c.until(lambda: set(sids) <= ended())
+            assert [_status(c, s) for s in sids] == [401, 401]
+            assert b"intruder" in _data(c, sids[0])  # the reason names the refused identity
+            ok = await H2.tls(mesh.port, ca)  # an allowed caller on the same listener: 200
+            sid = await connect(ok)
+            await ok.until(lambda: _status(ok, sid) is not None)
+            assert _status(ok, sid) == 200
+            await c.close()
+            await ok.close()
+        finally:
+            app.close()
+        text = mesh.metrics.render().decode()
+        assert "inbound_http_authz_deny_total{" in text
+        assert 'route="hbone"' in text
+
+    with caplog.at_level(logging.INFO, logger="meshproxy.proxy.http"):
+        run(scenario())
+    assert seen == []  # the refused caller's streams never reached the app
+    denied = [r for r in caplog.records if getattr(r, "event", "") == "hbone.denied"]
+    assert len(denied) == 2
+    assert denied[0].peer == f"spiffe://{DOMAIN}/marble/intruder"  # type: ignore[attr-defined]
+
+
+def test_a_certificate_not_under_our_ca_still_fails_the_handshake(
+    ca: Pki, workdir: Path, tmp_path: Path
+) -> None:
+    """Fail closed: 401 is for peers of our CA; a foreign chain never gets to HTTP/2."""
+    now = datetime.now(UTC)
+    root = pki.create_root(now=now, dns_names=[], simulated=True, key=pki.generate_key())
+    inter = pki.create_intermediate(root, now=now, simulated=True, key=pki.generate_key())
+    key = pki.generate_key()
+    leaf = pki.issue_leaf(
+        inter, pki.make_csr(key, "frontend", ["localhost"]), trust_domain=DOMAIN,
+        marble_type="frontend", instance=uuid.uuid4(), dns_names=["localhost"],
+        lifetime=timedelta(hours=1), now=now, simulated=True,
+    )  # fmt: skip
+    (tmp_path / "c.pem").write_bytes(pki.certs_to_pem([leaf, inter.cert]))
+    (tmp_path / "k.pem").write_bytes(pki.key_to_pem(key).reveal())
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cafile=str(ca.trust))
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    ctx.load_cert_chain(tmp_path / "c.pem", tmp_path / "k.pem")
+    ctx.set_alpn_protocols(["h2"])
+
+    async def scenario() -> None:
+        mesh = await start_hbone(ca, workdir)
+        r, w = await asyncio.open_connection("127.0.0.1", mesh.port, ssl=ctx)
+        # TLS 1.3: the server's refusal of our certificate arrives as an alert on read
+        w.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        with pytest.raises((ssl.SSLError, ConnectionResetError)):
+            await asyncio.wait_for(r.read(), 5)  # the alert: no HTTP/2 ever answers
+        w.close()
+        text = mesh.metrics.render().decode()
+        assert 'inbound_tcp_authz_deny_total{listener="tunnel"} 1.0' in text
+
+    run(scenario())
 
 
 def test_authorities_parse() -> None:

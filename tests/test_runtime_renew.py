@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 
 import pytest
 
@@ -145,3 +146,77 @@ def test_a_backdated_leaf_counts_its_lifetime_from_when_it_was_received() -> Non
     assert lease.renew_at() == pytest.approx(now.timestamp() + 42, abs=1)
     other = pki.create_intermediate(root, now=now, simulated=True, key=pki.generate_key())
     assert lease.intermediate != lease_of(leaf, other.cert).intermediate
+
+
+def test_a_renewal_the_data_plane_cannot_install_is_retried() -> None:
+    from meshproxy.errors import PKIError
+
+    now = time.time()
+    lease = Lease(now - 7, now + 3.1, "old")  # past 70 %
+    first = Renewed(Lease(now, now + 3600, "bad"), payload="unloadable")
+    second = Renewed(Lease(now, now + 3600, "new"), payload="identity")
+    fake = Fake([first, second])
+    calls: list[object] = []
+
+    async def apply(renewed: Renewed) -> None:
+        calls.append(renewed.payload)
+        if renewed.payload == "unloadable":
+            raise PKIError("certificate chain and private key do not load")
+
+    renewer = Renewer(lease, renew=fake.renew, current_intermediate=fake.current,
+                      apply=apply, cut_off=fake.cut_off, poll=0.05)  # fmt: skip
+    run_for(renewer, 1.5)
+    assert calls == ["unloadable", "identity"]
+    assert renewer.lease.intermediate == "new"  # the failed one was never taken as current
+
+
+def test_the_update_poll_is_configured_and_bounded(tmp_path: Path) -> None:
+    import yaml
+
+    from meshproxy.config import load_marble_config
+    from meshproxy.errors import ConfigError
+
+    def load(poll: object) -> float:
+        coordinator = {"address": "127.0.0.1:2001"}
+        if poll is not None:
+            coordinator["update_poll"] = poll  # type: ignore[assignment]
+        doc = {"coordinator": coordinator, "marble": {"type": "web"},
+               "attestation": {"provider": "simulation", "enclave": "e.json"},
+               "workdir": "run"}  # fmt: skip
+        path = tmp_path / "marble.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        return load_marble_config(path).coordinator.update_poll
+
+    assert load(None) == 10.0
+    assert load("30s") == 30.0
+    with pytest.raises(ConfigError, match=r"coordinator\.update_poll: must be between 1s and 1h"):
+        load("100ms")
+
+
+def test_a_manifest_update_changes_who_may_call_new_connections(tmp_path: Path) -> None:
+    import ssl
+
+    import yaml
+
+    from meshproxy.config import load_marble_config
+    from meshproxy.proxy import ConnectionSet, InboundListener, InboundSpec
+    from meshproxy.runtime._agent import MeshView
+    from meshproxy.runtime._main import _set_allow
+
+    doc = {
+        "coordinator": {"address": "127.0.0.1:2001"}, "marble": {"type": "web"},
+        "attestation": {"provider": "simulation", "enclave": "e.json"}, "workdir": "run",
+        "inbound": [{"name": "open", "listen": "127.0.0.1:0"},
+                    {"name": "narrow", "listen": "127.0.0.1:1", "allow": ["a", "b"]},
+                    {"name": "pub", "listen": "127.0.0.1:2", "clients": "public"}],
+    }  # fmt: skip
+    (tmp_path / "marble.yaml").write_text(yaml.safe_dump(doc))
+    cfg = load_marble_config(tmp_path / "marble.yaml")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    listeners = []
+    for i in cfg.inbound:
+        allow = ("a", "b") if i.clients == "marbles" else ()
+        spec = InboundSpec(i.name, "127.0.0.1", 0, i.clients, allow, "t.test", tmp_path / "s")
+        listeners.append(InboundListener(spec, ctx, ConnectionSet()))
+    _set_allow(cfg, MeshView("t.test", {"web": ("b", "c")}), listeners)
+    assert [li.spec.allow for li in listeners] == [("b", "c"), ("b",), ()]

@@ -204,6 +204,7 @@ def render(results: Results) -> str:
         results.table("scaling-bulk-1conn", "Scaling: bulk, 1 connection, proxy on 2 cores", BULK),
         results.table("scaling-bulk-8conn", "Scaling: bulk, 8 connections, proxy on 2 cores", BULK),
         results.table("scaling-requests", "Scaling: requests, proxy on 2 cores", REQUESTS),
+        results.table("h2-requests", "HTTP/2: h2load -c10 -m10 over TLS to an h2c app", REQUESTS),
     ]
     text = "\n\n".join(p for p in parts if p)
     text += (

@@ -44,6 +44,7 @@ from integration.bench._candidates import (
     start_nginx,
     start_stunnel,
 )
+from integration.bench._h2 import run_h2
 from integration.bench._pki import BenchMesh
 from integration.bench._procs import Processes
 from integration.bench._report import Results, render
@@ -51,7 +52,7 @@ from integration.bench._scenarios import FOREIGN_LIMIT_PCT, Samples, Scenarios, 
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"
-SCENARIOS = ("ceilings", "bulk", "requests", "handshakes", "memory", "scaling")
+SCENARIOS = ("ceilings", "bulk", "requests", "handshakes", "memory", "scaling", "h2")
 CANDIDATES = ("meshproxy-py", "meshproxy-native", "haproxy", "nginx", "stunnel")
 TOOLS = ("bulkc", "hsc", "sink")
 NEEDED = ("taskset", "gcc", "haproxy", "nginx", "stunnel4", "wrk", "openssl")
@@ -405,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                 runner.ceilings()
             runner.candidates(1)
             runner.candidates(2)
+            if "h2" in plan.scenarios:
+                run_h2(runner)
             runner.finish()
             sizes = plan.sizes
             results.notes += [

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import TypedDict
 
 from meshproxy.errors import AttestationError
 
@@ -274,6 +275,38 @@ def _read_signature_data(r: _Reader, *, wrapped: bool, label: str = "") -> _Sign
     return _SignatureData(signature, attestation_key, auth, s.end)
 
 
+class _QuoteFields(TypedDict):
+    """The fields SGX ``Quote`` and ``TdxQuote`` share, from header and signature data."""
+
+    qe_svn: int
+    pce_svn: int
+    vendor_id: bytes
+    user_data: bytes
+    signature: bytes
+    attestation_key: bytes
+    qe_report: ReportBody
+    qe_report_signature: bytes
+    qe_auth_data: bytes
+    cert_type: int
+    cert_data: bytes
+
+
+def _quote_fields(h: _Header, sig: _SignatureData) -> _QuoteFields:
+    return _QuoteFields(
+        qe_svn=h.qe_svn,
+        pce_svn=h.pce_svn,
+        vendor_id=h.vendor_id,
+        user_data=h.user_data,
+        signature=sig.signature,
+        attestation_key=sig.attestation_key,
+        qe_report=sig.auth.qe_report,
+        qe_report_signature=sig.auth.qe_report_signature,
+        qe_auth_data=sig.auth.qe_auth_data,
+        cert_type=sig.auth.cert_type,
+        cert_data=sig.auth.cert_data,
+    )
+
+
 def parse_quote(data: bytes) -> Quote:
     """Parse an SGX quote (v3; v4 and v5 with an SGX body). TDX quotes are refused."""
     r, h = _read_header(data)
@@ -309,19 +342,9 @@ def parse_quote(data: bytes) -> Quote:
     return Quote(
         version=version,
         att_key_type=h.att_key_type,
-        qe_svn=h.qe_svn,
-        pce_svn=h.pce_svn,
-        vendor_id=h.vendor_id,
-        user_data=h.user_data,
         body=body,
-        signature=sig.signature,
-        attestation_key=sig.attestation_key,
-        qe_report=sig.auth.qe_report,
-        qe_report_signature=sig.auth.qe_report_signature,
-        qe_auth_data=sig.auth.qe_auth_data,
-        cert_type=sig.auth.cert_type,
-        cert_data=sig.auth.cert_data,
         signed_region=signed_region,
+        **_quote_fields(h, sig),
     )
 
 

@@ -28,6 +28,7 @@ from meshproxy.attestation._quote import (
     TEE_TDX,
     ReportBody,
     _format_error,
+    _quote_fields,
     _read_header,
     _read_signature_data,
 )
@@ -158,20 +159,7 @@ def parse_tdx_quote(data: bytes) -> TdxQuote:
             "not zero padding"
         )
     return TdxQuote(
-        version=version,
-        qe_svn=h.qe_svn,
-        pce_svn=h.pce_svn,
-        vendor_id=h.vendor_id,
-        user_data=h.user_data,
-        body=body,
-        signature=sig.signature,
-        attestation_key=sig.attestation_key,
-        qe_report=sig.auth.qe_report,
-        qe_report_signature=sig.auth.qe_report_signature,
-        qe_auth_data=sig.auth.qe_auth_data,
-        cert_type=sig.auth.cert_type,
-        cert_data=sig.auth.cert_data,
-        signed_region=signed_region,
+        version=version, body=body, signed_region=signed_region, **_quote_fields(h, sig)
     )
 
 

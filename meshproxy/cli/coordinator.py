@@ -17,7 +17,8 @@ def register(sub: Any) -> None:
         description="Run a coordinator: it attests marbles, issues their certificates, "
         "serves the manifest and its own quote, users' secrets and updates. Several replicas "
         "share state with --store etcd; a new replica gets the state key from an attested "
-        "peer. Runs until SIGTERM.",
+        "peer. Inside an SGX enclave it quotes with --attestation gramine|occlum; without "
+        "SGX, --simulation. Runs until SIGTERM.",
     )
     p.add_argument(
         "--state-dir",
@@ -37,7 +38,15 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--simulation",
         action="store_true",
-        help="run without SGX: simulated quotes, marked in every certificate and status",
+        help="run without SGX: simulated quotes, marked in every certificate and status "
+        "(the same as --attestation simulation)",
+    )
+    p.add_argument(
+        "--attestation",
+        choices=["simulation", "gramine", "occlum"],
+        help="who makes the coordinator's quotes: the simulated platform (--simulation), "
+        "Gramine's /dev/attestation or Occlum's /dev/sgx inside an SGX enclave; required "
+        "without --simulation",
     )
     p.add_argument("--platform-dir", type=Path, metavar="DIR", help="simulated platform directory")
     p.add_argument(
@@ -52,7 +61,9 @@ def register(sub: Any) -> None:
         "--device-dir",
         type=Path,
         metavar="DIR",
-        help="stands in for /dev: --seal gramine reads DIR/attestation/keys/_sgx_mr* (tests)",
+        help="stands in for /dev (tests): --attestation gramine quotes through "
+        "DIR/attestation/, --attestation occlum through DIR/sgx, --seal gramine reads "
+        "DIR/attestation/keys/_sgx_mr*",
     )
     p.add_argument(
         "--trust-sim-platform",
@@ -144,18 +155,14 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} {tls_files[flag]}: no such file")
     if args.advertise is not None:
         _addr(args.advertise, "--advertise")
-    seal = args.seal or ("simulation" if args.simulation else "gramine")
-    if seal == "simulation" and not args.simulation:
-        raise UsageError("--seal simulation needs --simulation (a simulated platform)")
-    if args.device_dir is not None and seal != "gramine":
-        raise UsageError("--device-dir is only for --seal gramine")
+    attestation, seal = _attestation(args)
     return run(
         Options(
             state_dir=args.state_dir,
             client_addr=_addr(args.client_addr, "--client-addr"),
             mesh_addr=_addr(args.mesh_addr, "--mesh-addr"),
             dns_names=tuple(args.dns_name),
-            simulation=args.simulation,
+            simulation=attestation == "simulation",
             platform_dir=args.platform_dir,
             log_level=args.log_level,
             log_format=args.log_format,
@@ -171,5 +178,50 @@ def _run(args: argparse.Namespace) -> int:
             advertise=args.advertise,
             seal=seal,
             device_dir=args.device_dir,
+            attestation=attestation,
         )
     )
+
+
+def _attestation(args: argparse.Namespace) -> tuple[str, str]:
+    """``--attestation`` (``--simulation`` spells its simulation choice) and ``--seal``,
+    checked against each other and ``--device-dir`` before anything starts."""
+    if args.simulation and args.attestation not in (None, "simulation"):
+        raise UsageError(
+            f"--simulation contradicts --attestation {args.attestation}: --simulation means "
+            "simulated quotes; give one of them"
+        )
+    attestation = "simulation" if args.simulation else args.attestation
+    simulated = attestation == "simulation"
+    if not simulated:
+        for flag, given in (("--platform-dir", args.platform_dir),
+                            ("--trust-sim-platform", args.trust_sim_platform)):  # fmt: skip
+            if given:
+                raise UsageError(f"{flag} is only for --simulation (a simulated platform)")
+    if args.seal is None and attestation == "occlum":
+        raise UsageError(
+            "--attestation occlum: meshproxy has no Occlum sealer; pass --seal none (the state "
+            "key stays in memory and the recovery secrets: every restart enters recovery mode)"
+        )
+    seal = args.seal or ("simulation" if simulated else "gramine")
+    if seal == "simulation" and not simulated:
+        raise UsageError("--seal simulation needs --simulation (a simulated platform)")
+    if seal == "gramine" and attestation == "occlum":
+        raise UsageError("--seal gramine needs Gramine's keys: with --attestation occlum pass "
+                         "--seal none")  # fmt: skip
+    if args.device_dir is not None and seal != "gramine" and attestation in (None, "simulation"):
+        raise UsageError("--device-dir is only for --seal gramine or --attestation gramine|occlum")
+    if attestation is None:
+        from meshproxy.coordinator._server import NO_PROVIDER
+
+        raise UsageError(NO_PROVIDER)
+    if not simulated:
+        dev = args.device_dir or Path("/dev")
+        device = dev / ("attestation" if attestation == "gramine" else "sgx")
+        if not device.exists():
+            runtime = "gramine-sgx" if attestation == "gramine" else "occlum run"
+            raise UsageError(
+                f"--attestation {attestation}: {device} does not exist, so this is not an "
+                f"enclave started by {runtime}; pass --simulation to run without SGX"
+            )
+    return attestation, seal

@@ -60,6 +60,11 @@ def app_argv(raw: list[str]) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # The attestation agent starts first: it attests while this process loads the data
+    # plane's modules (meshproxy.runtime._agent).
+    from meshproxy.runtime._agent import begin_activation
+
+    pending = begin_activation(args.config)
     from meshproxy.runtime import run
 
-    return run(args.config, app_argv(list(args.argv)))
+    return run(args.config, app_argv(list(args.argv)), pending=pending)

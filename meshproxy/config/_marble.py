@@ -60,6 +60,7 @@ class CoordinatorConfig:
     root_cert: Path | None
     activation_timeout: float
     policy: Path | None = None  # the coordinator identity to require (manifest verify's format)
+    update_poll: float = 10.0  # seconds between polls for a new intermediate (renewal)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,19 @@ class TLSConfig:
 
 
 @dataclass(frozen=True)
+class HttpTimeouts:
+    """``timeouts:`` of a ``protocol: http`` or ``hbone`` listener (both directions).
+
+    ``idle``: a connection with no request in progress is closed (Envoy's default, 1 h);
+    ``header``: a request head that started arriving must be complete (10 s, the time
+    Linkerd gives a client to show its protocol): slowloris clients are cut off.
+    """
+
+    idle: float = 3600.0
+    header: float = 10.0
+
+
+@dataclass(frozen=True)
 class InboundConfig:
     name: str
     listen: Address
@@ -101,6 +115,7 @@ class InboundConfig:
     proxy_protocol: str | None = None  # tcp, hbone: "v2" sends a PROXY v2 header first
     routes: tuple[RouteRule, ...] = ()  # protocol http: narrows the manifest's Mesh.Routes
     tls: TLSConfig = TLSConfig()
+    timeouts: HttpTimeouts = HttpTimeouts()  # protocol http, hbone
 
 
 @dataclass(frozen=True)
@@ -111,6 +126,7 @@ class OutboundConfig:
     sni: str | None
     protocol: str = "tcp"  # tcp | http | hbone
     tls: TLSConfig = TLSConfig()
+    timeouts: HttpTimeouts = HttpTimeouts()  # protocol http, hbone
 
 
 @dataclass(frozen=True)
@@ -177,10 +193,18 @@ def parse_marble_config(root: Node, *, base_dir: Path, source: Path) -> MarbleCo
 
 # -- sections -----------------------------------------------------------------------------
 def _coordinator(node: Node, base: Path) -> CoordinatorConfig:
-    m = node.mapping(["address", "root_cert", "activation_timeout", "policy"], required=["address"])
+    m = node.mapping(
+        ["address", "root_cert", "activation_timeout", "policy", "update_poll"],
+        required=["address"],
+    )
     timeout = DEFAULT_ACTIVATION_TIMEOUT
     if _given(m, "activation_timeout"):
         timeout = parse_duration(m["activation_timeout"])
+    poll = 10.0
+    if _given(m, "update_poll"):
+        poll = parse_duration(m["update_poll"])
+        if not 1.0 <= poll <= 3600.0:
+            m["update_poll"].fail("must be between 1s and 1h")
     if _given(m, "root_cert") and _given(m, "policy"):
         m["policy"].fail(
             "give root_cert or policy, not both: a pinned root is trusted as is, a policy "
@@ -191,6 +215,7 @@ def _coordinator(node: Node, base: Path) -> CoordinatorConfig:
         root_cert=_path(m["root_cert"], base) if _given(m, "root_cert") else None,
         activation_timeout=timeout,
         policy=_path(m["policy"], base) if _given(m, "policy") else None,
+        update_poll=poll,
     )
 
 
@@ -235,7 +260,7 @@ def _attestation(node: Node, base: Path) -> AttestationConfig:
 def _inbound(node: Node) -> InboundConfig:
     m = node.mapping(
         ["name", "listen", "protocol", "clients", "allow", "app_protocol", "proxy_protocol",
-         "routes", "tls"],
+         "routes", "tls", "timeouts"],
         required=["name", "listen"],
     )  # fmt: skip
     protocol = m["protocol"].choice(["tcp", "http", "hbone"]) if _given(m, "protocol") else "tcp"
@@ -274,6 +299,7 @@ def _inbound(node: Node) -> InboundConfig:
         proxy_protocol=proxy_protocol,
         routes=routes,
         tls=_tls(m["tls"]) if _given(m, "tls") else TLSConfig(),
+        timeouts=_timeouts(m, protocol),
     )
 
 
@@ -308,7 +334,7 @@ def _route(node: Node, allow: tuple[str, ...] | None) -> RouteRule:
 
 def _outbound(node: Node) -> OutboundConfig:
     m = node.mapping(
-        ["name", "upstream", "peer", "sni", "protocol", "tls"],
+        ["name", "upstream", "peer", "sni", "protocol", "tls", "timeouts"],
         required=["name", "upstream", "peer"],
     )
     upstream = parse_address(m["upstream"], allow_port_zero=False)
@@ -318,7 +344,20 @@ def _outbound(node: Node) -> OutboundConfig:
     protocol = m["protocol"].choice(["tcp", "http", "hbone"]) if _given(m, "protocol") else "tcp"
     tls = _tls(m["tls"]) if _given(m, "tls") else TLSConfig()
     return OutboundConfig(
-        _name(m["name"]), upstream, _marble_type(m["peer"]), sni, protocol, tls=tls
+        _name(m["name"]), upstream, _marble_type(m["peer"]), sni, protocol, tls=tls,
+        timeouts=_timeouts(m, protocol),
+    )  # fmt: skip
+
+
+def _timeouts(m: dict[str, Node], protocol: str) -> HttpTimeouts:
+    if not _given(m, "timeouts"):
+        return HttpTimeouts()
+    if protocol == "tcp":
+        m["timeouts"].fail("timeouts are for protocol: http and hbone (this listener is tcp)")
+    t = m["timeouts"].mapping(["idle", "header"])
+    return HttpTimeouts(
+        idle=parse_duration(t["idle"]) if _given(t, "idle") else HttpTimeouts.idle,
+        header=parse_duration(t["header"]) if _given(t, "header") else HttpTimeouts.header,
     )
 
 

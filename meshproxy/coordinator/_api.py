@@ -71,6 +71,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 KeyServer = Callable[[dict[str, Any]], dict[str, Any]]
 Answer = tuple[ActivationResult, tuple[str, str, dict[str, Any]]]
 MAX_BODY = 1 << 20
+MAX_BATCH = 32  # activations handed to the core together (one commit)
 
 
 class Api:
@@ -334,7 +335,8 @@ class Api:
         """Hand every queued activation to the worker at once, until none is left."""
         try:
             while self._queued:
-                batch, self._queued = self._queued, []
+                # Bounded, so the first of many waiting marbles is not held up by the last.
+                batch, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]
                 try:
                     outcomes = await self.call(functools.partial(self._activate_batch, batch))
                 except BaseException as exc:  # a bug: every waiter of the batch gets it

@@ -19,10 +19,11 @@ TLS: ``https://`` endpoints are verified against ``ca`` (default: the system's C
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import ssl
-import urllib.error
-import urllib.request
+import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -43,6 +44,7 @@ def _prefix_end(prefix: bytes) -> bytes:
     return prefix[:-1] + bytes([prefix[-1] + 1])
 
 
+_REUSE_IDLE = 5.0  # seconds a kept connection may idle before a new one is made instead
 _TXN_OPS = 64  # etcd refuses transactions of more than 128 operations by default
 
 
@@ -69,6 +71,25 @@ class EtcdTLS:
                     f"--etcd-cert {self.cert} with --etcd-key {self.key}: {_ssl_reason(exc)}"
                 ) from None
         return ctx
+
+
+class _NotSent(Exception):
+    """The request cannot have reached etcd (connecting or sending failed)."""
+
+
+class _Lost(Exception):
+    """The request was sent; its answer did not come back."""
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError):
+        reason = f"TLS failed ({_ssl_reason(exc)})"
+        if "ALERT" in reason:
+            reason += ": etcd refused this client (--etcd-cert/--etcd-key)"
+        return reason
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 def _ssl_reason(exc: BaseException) -> str:
@@ -106,6 +127,9 @@ class EtcdStore:
         self._good = 0
         self._key = f"{self.prefix}state".encode()
         self._lease: tuple[str, datetime] | None = None  # nonce claims: id, valid until
+        self._base = [urlsplit(u).path.rstrip("/") for u in self.endpoints]
+        self._conns: dict[int, tuple[http.client.HTTPConnection, float]] = {}  # kept, last use
+        self._lock = threading.Lock()
 
     @property
     def where(self) -> str:
@@ -116,36 +140,87 @@ class EtcdStore:
 
     # -- transport -----------------------------------------------------------------------
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST to the first endpoint that answers, over a kept connection when there is one.
+
+        Another endpoint is tried only when the request cannot have reached etcd (the
+        connection or the sending failed). A transaction whose answer was lost after it
+        was sent may have been applied: sent again it would lose its compare (its own
+        write changed the revision) and a compare-and-swap caller would count twice, so
+        that is a ``StoreError`` ("outcome unknown") instead. Other requests (reads,
+        idempotent writes) are sent once more on a new connection."""
         payload = json.dumps(body).encode()
         errors = []
-        for i in range(len(self.endpoints)):
-            index = (self._good + i) % len(self.endpoints)
-            url = self.endpoints[index] + path
-            req = urllib.request.Request(  # noqa: S310 (scheme checked in __init__)
-                url, data=payload, headers={"Content-Type": "application/json"}, method="POST"
-            )
-            try:
-                with urllib.request.urlopen(  # noqa: S310
-                    req, timeout=self.timeout, context=self._ssl
-                ) as resp:
-                    doc = json.loads(resp.read())
-            except urllib.error.HTTPError as exc:
-                detail = exc.read()[:200].decode("utf-8", "replace")
-                raise StoreError(f"etcd {url}: HTTP {exc.code}: {detail}") from None
-            except (OSError, ValueError) as exc:
-                cause = exc if isinstance(exc, ssl.SSLError) else getattr(exc, "reason", exc)
-                reason = str(cause)
-                if isinstance(cause, ssl.SSLError):
-                    reason = f"TLS failed ({_ssl_reason(cause)})"
-                    if "ALERT" in reason:
-                        reason += ": etcd refused this client (--etcd-cert/--etcd-key)"
-                errors.append(f"{self.endpoints[index]}: {reason}")
-                continue
-            self._good = index
-            if not isinstance(doc, dict):
-                raise StoreError(f"etcd {url}: answer is not a JSON object")
-            return doc
+        with self._lock:
+            for i in range(len(self.endpoints)):
+                index = (self._good + i) % len(self.endpoints)
+                url = self.endpoints[index] + path
+                try:
+                    try:
+                        status, raw = self._exchange(index, path, payload)
+                    except _Lost as exc:
+                        if path == "/v3/kv/txn":
+                            raise StoreError(
+                                f"etcd {url}: the answer to a transaction was lost ({exc}); "
+                                "its outcome is unknown"
+                            ) from None
+                        status, raw = self._exchange(index, path, payload)
+                except (_NotSent, _Lost) as exc:
+                    errors.append(f"{self.endpoints[index]}: {exc}")
+                    continue
+                if status != 200:
+                    detail = raw[:200].decode("utf-8", "replace")
+                    raise StoreError(f"etcd {url}: HTTP {status}: {detail}")
+                try:
+                    doc = json.loads(raw)
+                except ValueError:
+                    raise StoreError(f"etcd {url}: answer is not JSON") from None
+                self._good = index
+                if not isinstance(doc, dict):
+                    raise StoreError(f"etcd {url}: answer is not a JSON object")
+                return doc
         raise StoreError(f"etcd is unreachable ({'; '.join(errors)})")
+
+    def _exchange(self, index: int, path: str, payload: bytes) -> tuple[int, bytes]:
+        """One request and its answer; ``_NotSent`` or ``_Lost`` say how it failed."""
+        kept = self._conns.pop(index, None)
+        if kept is not None and time.monotonic() - kept[1] > _REUSE_IDLE:
+            kept[0].close()
+            kept = None
+        conn = kept[0] if kept is not None else self._connect(index)
+        headers = {"Content-Type": "application/json"}
+        try:
+            conn.request("POST", self._base[index] + path, body=payload, headers=headers)
+        except OSError as exc:
+            conn.close()
+            if kept is None:
+                raise _NotSent(_reason(exc)) from None
+            return self._exchange(index, path, payload)  # it had gone stale: a new one
+        try:
+            resp = conn.getresponse()
+            raw = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise _Lost(_reason(exc)) from None
+        if resp.will_close:
+            conn.close()
+        else:
+            self._conns[index] = (conn, time.monotonic())
+        return resp.status, raw
+
+    def _connect(self, index: int) -> http.client.HTTPConnection:
+        parts = urlsplit(self.endpoints[index])
+        host, port = parts.hostname or "", parts.port
+        conn: http.client.HTTPConnection
+        if parts.scheme == "https":
+            conn = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self._ssl)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        try:
+            conn.connect()
+        except OSError as exc:
+            conn.close()
+            raise _NotSent(_reason(exc)) from None
+        return conn
 
     # -- the state -------------------------------------------------------------------------
     def load_versioned(self) -> tuple[bytes | None, int]:
@@ -252,4 +327,7 @@ class EtcdStore:
         return self._lease[0]
 
     def close(self) -> None:
-        pass
+        with self._lock:
+            for conn, _ in self._conns.values():
+                conn.close()
+            self._conns.clear()

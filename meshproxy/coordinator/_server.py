@@ -1,8 +1,9 @@
 """Composition root of ``meshproxy coordinator``: builds the pieces, serves until SIGTERM.
 
-Startup: simulated platform and quote provider -> store (file or etcd) + vault -> load (or
-create, or join via a peer, or enter recovery) -> core -> two HTTPS listeners. Simulation
-is announced at every start. A replica on etcd registers its mesh address for peers, and
+Startup: quote provider (``--attestation``: the simulated platform, or Gramine's or Occlum's
+device inside an enclave) -> store (file or etcd) + vault -> load (or create, or join via a
+peer, or enter recovery) -> core -> two HTTPS listeners. Simulation is announced at every
+start. A replica on etcd registers its mesh address for peers, and
 while it is locked out of the shared state it keeps asking them for the key.
 """
 
@@ -27,15 +28,19 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from meshproxy._log import setup as setup_logging
 from meshproxy.attestation import (
+    INTEL_QE_VENDOR_ID,
     SIM_VENDOR_ID,
     EnclaveDescription,
     EnclaveIdentity,
+    QuoteProvider,
     SimulationPlatform,
     SimulationProvider,
     TrustAnchor,
     default_platform_dir,
     intel_anchor,
     measure,
+    parse_quote,
+    provider_for,
     simulation_anchor,
 )
 from meshproxy.coordinator import _replica
@@ -49,7 +54,7 @@ from meshproxy.coordinator._state import State, require
 from meshproxy.coordinator._store import FileStore, VersionedStore
 from meshproxy.coordinator._tls import SwitchingContext
 from meshproxy.coordinator._vault import Vault
-from meshproxy.errors import ConfigError, MeshError, StoreError
+from meshproxy.errors import AttestationError, ConfigError, MeshError, StoreError
 from meshproxy.pki import cert_from_pem, cert_to_pem
 
 log = logging.getLogger("meshproxy.coordinator")
@@ -79,7 +84,16 @@ class Options:
     trust_platforms: tuple[Path, ...] = ()  # more simulated machines whose quotes count
     advertise: str | None = None  # mesh address peers use; default: the bound one
     seal: str = "simulation"  # simulation | gramine | none (``_sealers``)
-    device_dir: Path | None = None  # stands in for /dev (Gramine's attestation/keys, tests)
+    device_dir: Path | None = None  # stands in for /dev (Gramine's attestation/, Occlum's sgx)
+    attestation: str | None = None  # simulation | gramine | occlum; None: per ``simulation``
+
+
+NO_PROVIDER = (
+    "no quote provider chosen: inside an SGX enclave pass --attestation gramine or "
+    "--attestation occlum; to run without SGX (simulated quotes) pass --simulation"
+)
+# The report data of the quote a hardware coordinator makes at start to learn its identity.
+IDENTITY_PROBE = hashlib.sha256(b"meshproxy coordinator identity probe v1").digest()
 
 
 def coordinator_identity() -> EnclaveIdentity:
@@ -100,6 +114,66 @@ def coordinator_identity() -> EnclaveIdentity:
         security_version=COORDINATOR_SECURITY_VERSION,
         debug=False,
     )
+
+
+@dataclass(frozen=True)
+class Attester:
+    """How this coordinator quotes (``provider``), who it is (``identity``: peer replicas
+    must match it) and whose quotes it trusts (``anchors``)."""
+
+    kind: str  # simulation | gramine | occlum
+    provider: QuoteProvider
+    identity: EnclaveIdentity
+    anchors: tuple[TrustAnchor, ...]
+    platform: SimulationPlatform | None  # only in simulation
+
+
+def attestation_kind(options: Options) -> str:
+    """``--attestation``, or simulation for ``--simulation``; the two must agree."""
+    kind = options.attestation or ("simulation" if options.simulation else None)
+    if kind is None:
+        raise ConfigError(NO_PROVIDER)
+    if (kind == "simulation") != options.simulation:
+        raise ConfigError(
+            "--attestation simulation and --simulation go together"
+            if kind == "simulation"
+            else f"--simulation contradicts --attestation {kind}: give one of them"
+        )
+    return kind
+
+
+def own_identity(provider: QuoteProvider, kind: str) -> EnclaveIdentity:
+    """This enclave's identity, from a quote of its own (one at start; it also proves the
+    device works before anything is served)."""
+    try:
+        quote = parse_quote(provider.get_quote(IDENTITY_PROBE))
+    except AttestationError as exc:
+        raise ConfigError(f"--attestation {kind}: {exc}") from None
+    if quote.vendor_id != INTEL_QE_VENDOR_ID:
+        raise ConfigError(
+            f"--attestation {kind}: the device's quote is not from Intel's quoting enclave "
+            f"(vendor ID {quote.vendor_id.hex()})"
+        )
+    return EnclaveIdentity.from_body(quote.body)
+
+
+def attester_for(
+    options: Options, now: datetime, *, device: QuoteProvider | None = None
+) -> Attester:
+    """``device``: a hardware provider to use instead of the one ``options`` name (tests)."""
+    kind = attestation_kind(options)
+    if kind != "simulation":
+        provider = device or provider_for(kind, device_root=options.device_dir)
+        identity = own_identity(provider, kind)
+        return Attester(kind, provider, identity, (intel_anchor(),), None)
+    platform = SimulationPlatform.load_or_create(
+        options.platform_dir or default_platform_dir(), now=now
+    )
+    identity = coordinator_identity()
+    anchors = [intel_anchor(), simulation_anchor(platform)]
+    anchors += [_platform_anchor(d) for d in options.trust_platforms]
+    provider = SimulationProvider(platform, identity)
+    return Attester(kind, provider, identity, tuple(anchors), platform)
 
 
 def _platform_anchor(directory: Path) -> TrustAnchor:
@@ -150,19 +224,18 @@ def build_core(options: Options, now: datetime) -> tuple[CoordinatorCore, Versio
     return built.core, built.store
 
 
-def build(options: Options, now: datetime) -> Built:
-    if not options.simulation:
-        raise MeshError(
-            "no SGX quote provider is available on this machine (no /dev/attestation, no "
-            "/dev/sgx): start the coordinator with --simulation to run without hardware"
+def build(options: Options, now: datetime, *, device: QuoteProvider | None = None) -> Built:
+    attester = attester_for(options, now, device=device)
+    provider, identity, anchors = attester.provider, attester.identity, attester.anchors
+    if attester.platform is None:
+        log.info(
+            "hardware attestation: quotes come from the enclave's device",
+            extra={
+                "attestation": attester.kind,
+                "unique_id": identity.unique_id.hex(),
+                "signer_id": identity.signer_id.hex(),
+            },
         )
-    platform = SimulationPlatform.load_or_create(
-        options.platform_dir or default_platform_dir(), now=now
-    )
-    identity = coordinator_identity()
-    provider = SimulationProvider(platform, identity)
-    anchors = [intel_anchor(), simulation_anchor(platform)]
-    anchors += [_platform_anchor(d) for d in options.trust_platforms]
     owner = _owner(options)
     store: VersionedStore
     if options.store == "etcd":
@@ -172,7 +245,7 @@ def build(options: Options, now: datetime) -> Built:
     else:
         store = FileStore(options.state_dir)
     keys = sealing_keys_for(
-        options.seal, platform=platform, identity=identity, device_dir=options.device_dir
+        options.seal, platform=attester.platform, identity=identity, device_dir=options.device_dir
     )
     vault = Vault(keys, store.where)
     sync = StateSync(store, vault)

@@ -121,7 +121,7 @@ class InboundListener:
                 if spec.http is not None and spec.http.mode == "hbone":
                     from meshproxy.proxy.http import hbone_caller
 
-                    peer = hbone_caller(stream.peer_certificate() or b"", spec.trust_domain)
+                    peer = hbone_caller(stream.peer_names(), spec.trust_domain)
                 if peer is None:
                     self._refuse(fields, str(exc))
                     await stream.aclose()

@@ -61,6 +61,16 @@ class _Family:
     def add(self, key: tuple[str, ...], amount: float) -> None:
         self.values[key] = self.values.get(key, 0.0) + amount
 
+    def observe_many(self, key: tuple[str, ...], counts: list[int], total: float) -> None:
+        """Observations already counted per bucket (the same bounds + Inf) and summed:
+        the native HTTP/2 relay's latency histogram of a connection."""
+        mine = self.buckets.get(key)
+        if mine is None:
+            mine = self.buckets[key] = [0] * (len(LATENCY_BUCKETS) + 1)
+        for i, n in enumerate(counts[: len(mine)]):
+            mine[i] += n
+        self.add(key, total)
+
     def observe(self, key: tuple[str, ...], value: float) -> None:
         counts = self.buckets.get(key)
         if counts is None:

@@ -224,7 +224,7 @@ class NativeInboundListener:
         try:
             self._listener = self._engine.listen(
                 sock, self._ctx, self._event,
-                app_path=None if spec.proxy_protocol else str(spec.app_socket),
+                app_path=self._raw_app_path(),
                 trust_domain=spec.trust_domain if marbles else None,
                 allowed=spec.allow if marbles else (), handshake_timeout=spec.handshake_timeout,
             )  # fmt: skip
@@ -233,6 +233,16 @@ class NativeInboundListener:
             raise MeshError(f"inbound {spec.name}: {exc}") from None
         self._port = int(port)
         return str(host), int(port)
+
+    def _raw_app_path(self) -> str | None:
+        """The app socket the engine may connect and relay raw bytes to by itself: only
+        for ``protocol: tcp`` without a PROXY header. An HTTP listener (a subclass with
+        ``spec.http``) always gets its connections handed to Python (fail closed: the
+        engine must never relay HTTP bytes past the header and route rules)."""
+        spec = self.spec
+        if spec.http is not None or spec.proxy_protocol:
+            return None
+        return str(spec.app_socket)
 
     def stop_accepting(self) -> None:
         """No new connections; the open ones are waited for by ``connections.drain``."""

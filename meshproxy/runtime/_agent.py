@@ -15,11 +15,15 @@ proxy as the same ``MeshError`` class.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +79,7 @@ class Activated:
     mesh: MeshView
     lease: Lease
     simulated: bool
+    sealing_key: Secret | None = field(default=None, repr=False)  # Gramine's mounts
 
 
 @dataclass(frozen=True)
@@ -86,9 +91,115 @@ class Renewal:
 
 
 # -- the proxy's side -------------------------------------------------------------------------
-def activate(config: Path, timeout: float) -> Activated:
+class Pending:
+    """An agent at work: started early, so that it attests while the proxy loads its own
+    modules and config (two cores do both at once), read with ``result``."""
+
+    def __init__(self, mode: str, request: Mapping[str, Any]) -> None:
+        self.mode = mode
+        argv = [sys.executable, "-m", "meshproxy.runtime._agent", mode]
+        try:
+            self._proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True
+            )
+        except OSError as exc:
+            raise MeshError(f"cannot start the attestation agent: {exc.strerror or exc}") from None
+        self._input = json.dumps(request).encode()
+        self._done = False
+
+    def result(self, timeout: float) -> dict[str, Any]:
+        try:
+            out, _ = self._proc.communicate(self._input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.cancel()
+            raise ConnectError(f"the attestation agent did not finish in {timeout:.0f}s") from None
+        self._done = True
+        return _answer(self.mode, out)
+
+    def cancel(self) -> None:
+        """Stop the agent if it still works (idempotent; a no-op once it answered)."""
+        if self._done:
+            return
+        self._done = True
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.communicate()
+
+
+class Forked(Pending):
+    """The agent as a fork of this process, for the activation at start: the process is
+    still single-threaded and small then, and a fork starts attesting at once with what
+    is already imported (a new interpreter would cost a start and the same imports again).
+    The proxy (the parent) never imports what the child loads to attest."""
+
+    def __init__(self, mode: str, request: Mapping[str, Any]) -> None:
+        self.mode = mode
+        self._done = False
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the agent
+            code = 0
+            try:
+                os.close(read)
+                _die_with_parent()
+                data = json.dumps(_handle(mode, request)).encode()
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(write, view) :]
+            except Exception:  # a bug: say so; the proxy says "failed without an answer"
+                logging.getLogger("meshproxy.runtime").exception("attestation agent failed")
+                code = 70
+            finally:
+                os._exit(code)  # no atexit handlers, no flushing the parent's buffers
+        os.close(write)
+        self._pid = pid
+        self._read = read
+
+    def result(self, timeout: float) -> dict[str, Any]:
+        import selectors
+
+        chunks = []
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._read, selectors.EVENT_READ)
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    self.cancel()
+                    raise ConnectError(
+                        f"the attestation agent did not finish in {timeout:.0f}s"
+                    ) from None
+                chunk = os.read(self._read, 65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        self._finish()
+        return _answer(self.mode, b"".join(chunks))
+
+    def cancel(self) -> None:
+        if not self._done:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._pid, signal.SIGKILL)
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        os.close(self._read)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self._pid, 0)
+
+
+def begin_activation(config: Path) -> Pending:
+    """Start activating in the agent now; ``activate(pending=...)`` reads the result."""
+    return Forked("activate", {"config": str(config)})
+
+
+def activate(config: Path, timeout: float, *, pending: Pending | None = None) -> Activated:
     """Activate in the agent (blocking; with the config's retries)."""
-    doc = _call("activate", {"config": str(config)}, timeout + AGENT_TIMEOUT_SLACK)
+    pending = pending or begin_activation(config)
+    doc = pending.result(timeout + AGENT_TIMEOUT_SLACK)
     try:
         return Activated(
             uuid=str(doc["uuid"]),
@@ -100,6 +211,9 @@ def activate(config: Path, timeout: float) -> Activated:
             mesh=_mesh(doc["mesh"]),
             lease=Lease(**doc["lease"]),
             simulated=bool(doc["simulated"]),
+            sealing_key=(
+                Secret(base64.b64decode(doc["sealing_key"])) if doc.get("sealing_key") else None
+            ),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise MeshError(f"the attestation agent answered malformed JSON: {exc}") from None
@@ -116,18 +230,12 @@ def renew(config: Path, uuid: str, root_pem: bytes, timeout: float) -> tuple[Lea
 
 
 def _call(mode: str, request: Mapping[str, Any], timeout: float) -> dict[str, Any]:
-    argv = [sys.executable, "-m", "meshproxy.runtime._agent", mode]
+    return Pending(mode, request).result(timeout)
+
+
+def _answer(mode: str, stdout: bytes) -> dict[str, Any]:
     try:
-        done = subprocess.run(
-            argv, input=json.dumps(request).encode(), stdout=subprocess.PIPE, timeout=timeout,
-            check=False, close_fds=True,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        raise ConnectError(f"the attestation agent did not finish in {timeout:.0f}s") from None
-    except OSError as exc:
-        raise MeshError(f"cannot start the attestation agent: {exc.strerror or exc}") from None
-    try:
-        doc = json.loads(done.stdout)
+        doc = json.loads(stdout)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise MeshError(
             f"the attestation agent ({mode}) failed without an answer; see its log lines above"
@@ -226,24 +334,27 @@ class AgentRenewal:
 
 # -- the agent's side -------------------------------------------------------------------------
 def main(argv: list[str]) -> int:
-    from meshproxy._log import setup as setup_logging
-    from meshproxy.config import load_marble_config
-
     if len(argv) != 1 or argv[0] not in ("activate", "renew"):
         print("usage: python -m meshproxy.runtime._agent activate|renew", file=sys.stderr)
         return 2
-    request = json.load(sys.stdin)
-    try:
-        cfg = load_marble_config(request["config"])
-        setup_logging(cfg.log.level, cfg.log.format)
-        doc = _activate(cfg) if argv[0] == "activate" else _renew(cfg, request)
-    except MeshError as exc:
-        doc = {"error": str(exc), "kind": type(exc).__name__,
-               "http_status": getattr(exc, "http_status", None),
-               "check": getattr(exc, "check", None)}  # fmt: skip
+    doc = _handle(argv[0], json.load(sys.stdin))
     sys.stdout.write(json.dumps(doc))
     sys.stdout.flush()
     return 0 if "error" not in doc else 1
+
+
+def _handle(mode: str, request: Mapping[str, Any]) -> dict[str, Any]:
+    from meshproxy._log import setup as setup_logging
+    from meshproxy.config import load_marble_config
+
+    try:
+        cfg = load_marble_config(request["config"])
+        setup_logging(cfg.log.level, cfg.log.format)
+        return _activate(cfg) if mode == "activate" else _renew(cfg, request)
+    except MeshError as exc:
+        return {"error": str(exc), "kind": type(exc).__name__,
+                "http_status": getattr(exc, "http_status", None),
+                "check": getattr(exc, "check", None)}  # fmt: skip
 
 
 def _activate(cfg: Any) -> dict[str, Any]:
@@ -269,6 +380,11 @@ def _activate(cfg: Any) -> dict[str, Any]:
         "mesh": _mesh_doc(act.mesh),
         "lease": dataclasses.asdict(lease_of(act.leaf, act.intermediate)),
         "simulated": act.simulated,
+        # Under Gramine the proxy installs it in its own process too: the app is its child,
+        # and the agent is another enclave process (_main._install_sealing_key).
+        "sealing_key": (
+            base64.b64encode(act.sealing_key.reveal()).decode() if act.sealing_key else None
+        ),
     }
 
 
@@ -309,6 +425,20 @@ def _mesh_doc(mesh: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _die_with_parent() -> None:
+    """The agent works for one proxy: when that proxy dies (a SIGTERM during a long
+    activation), the agent goes too instead of finishing an attestation nobody reads.
+    (Linux ties this to the spawning thread: the proxy spawns from its main thread or
+    from the event loop's executor threads, which live as long as the proxy serves.)"""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+_PR_SET_PDEATHSIG = 1
+
 if __name__ == "__main__":
     os.umask(0o077)
+    _die_with_parent()
     sys.exit(main(sys.argv[1:]))

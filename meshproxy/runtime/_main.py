@@ -89,8 +89,19 @@ def _speaks_http(cfg: MarbleConfig) -> bool:
     )
 
 
-def run(config_path: Path, app_argv: Sequence[str]) -> int:
-    """``meshproxy run``: returns the app's exit status."""
+def run(
+    config_path: Path, app_argv: Sequence[str], *, pending: _agent.Pending | None = None
+) -> int:
+    """``meshproxy run``: returns the app's exit status. ``pending``: the agent, started
+    by the caller before this module was even imported (``cli.run``)."""
+    pending = pending or _agent.begin_activation(config_path)
+    try:
+        return _run(config_path, app_argv, pending)
+    finally:
+        pending.cancel()  # a no-op once it answered
+
+
+def _run(config_path: Path, app_argv: Sequence[str], pending: _agent.Pending) -> int:
     cfg = load_marble_config(config_path)
     setup_logging(cfg.log.level, cfg.log.format)
     log.info(
@@ -104,13 +115,33 @@ def run(config_path: Path, app_argv: Sequence[str]) -> int:
     # Attesting (cryptography, the attestation package, the coordinator client) runs in
     # the short-lived agent, so none of it stays in this long-lived process (_agent).
     # The agent also writes the manifest's Files.
-    activated = _agent.activate(config_path, cfg.coordinator.activation_timeout)
+    activated = _agent.activate(config_path, cfg.coordinator.activation_timeout, pending=pending)
+    if cfg.attestation.provider == "gramine":
+        _install_sealing_key(cfg, activated)
     plan = plan_of(cfg, activated, app_argv)
     source = AgentRenewal(
         config_path, activated.uuid, activated.root_pem, cfg.coordinator.address.host,
         cfg.coordinator.address.port,
     )  # fmt: skip
     return uvloop.run(serve(plan, (source, activated.lease)))
+
+
+def _install_sealing_key(cfg: MarbleConfig, activated: Activated) -> None:
+    """Gramine's encrypted mounts get the marble's sealing key in this process, the app's
+    parent; the agent installed it in its own (another enclave process under Gramine)."""
+    from meshproxy.attestation import SEAL_KEY_NAME, GramineProvider, provider_for
+    from meshproxy.errors import CoordinatorError
+
+    if activated.sealing_key is None:
+        raise CoordinatorError(
+            "the coordinator sent no sealing key for this marble's Gramine encrypted mounts; "
+            "upgrade the coordinator"
+        )
+    provider = provider_for("gramine", device_root=cfg.attestation.device_dir)
+    assert isinstance(provider, GramineProvider)
+    path = provider.install_key(SEAL_KEY_NAME, activated.sealing_key)
+    log.info("sealing key installed", extra={"event": "attestation.sealing_key",
+                                             "path": str(path)})  # fmt: skip
 
 
 def execute(
@@ -261,6 +292,7 @@ async def serve(plan: RunPlan, renewal: tuple[AgentRenewal, Lease] | None = None
             renewer = asyncio.ensure_future(
                 _renewer(renewal, state, inbound, outbound, connections).run()
             )
+            renewer.add_done_callback(_renewer_ended)
         waiter = asyncio.ensure_future(supervisor.wait())
         either: list[asyncio.Future[Any]] = [waiter, supervisor.terminating]
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
@@ -269,6 +301,9 @@ async def serve(plan: RunPlan, renewal: tuple[AgentRenewal, Lease] | None = None
             li.stop_accepting()
         for lo in outbound:
             lo.stop_accepting()
+        for spec in [li.spec for li in inbound] + [lo.spec for lo in outbound]:
+            if spec.http is not None:  # HTTP/2 GOAWAY, HTTP/1.1 Connection: close
+                spec.http.drain.begin()
         code = await waiter
         dropped = await connections.drain(plan.drain_grace)
         log.info("exiting", extra={"event": "runtime.exit", "code": code, "dropped": dropped})
@@ -290,6 +325,13 @@ async def serve(plan: RunPlan, renewal: tuple[AgentRenewal, Lease] | None = None
         if engine is not None:
             await engine.aclose()  # after the drain: ends what the grace period left open
         cfg.ready_file.unlink(missing_ok=True)
+
+
+def _renewer_ended(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        # A bug: without renewal this marble is cut off when its certificate expires.
+        log.error("certificate renewal stopped", exc_info=task.exception(),
+                  extra={"event": "renewal.internal_error"})  # fmt: skip
 
 
 class _Serving:
@@ -347,7 +389,7 @@ def _renewer(
         await connections.drain(0)
 
     return Renewer(lease, renew=renew, current_intermediate=current, apply=apply,
-                   cut_off=cut_off)  # fmt: skip
+                   cut_off=cut_off, poll=cfg.coordinator.update_poll)  # fmt: skip
 
 
 def _set_allow(cfg: MarbleConfig, mesh: MeshView, inbound: Sequence[Inbound]) -> None:
@@ -380,7 +422,8 @@ def _listeners(
 ) -> tuple[list[Inbound], list[Outbound]]:
     cfg = plan.config
     if _speaks_http(cfg):
-        from meshproxy.proxy.http import InboundHttp, OutboundHttp, RoutePolicy
+        from meshproxy.proxy._h2native import NativeHttpInboundListener, uses_fast_path
+        from meshproxy.proxy.http import HttpLimits, InboundHttp, OutboundHttp, RoutePolicy
     contexts = _Contexts(plan.identity)
     inbound: list[Inbound] = []
     for i in cfg.inbound:
@@ -389,6 +432,7 @@ def _listeners(
             our_id = spiffe_id(plan.trust_domain, cfg.marble.type)
             http = InboundHttp(
                 i.app_protocol, our_id, plan.routes.get(i.name, RoutePolicy()),
+                HttpLimits(idle_timeout=i.timeouts.idle, header_timeout=i.timeouts.header),
                 mode=i.protocol, proxy_protocol=i.proxy_protocol == "v2",
             )  # fmt: skip
         spec = InboundSpec(
@@ -397,6 +441,11 @@ def _listeners(
             app_socket=cfg.inbound_socket(i.name), http=http,
             proxy_protocol=i.proxy_protocol == "v2" and i.protocol == "tcp",
         )  # fmt: skip
+        if engine is not None and http is not None and uses_fast_path(http, engine):
+            # h2 -> h2c in C (proxy/_h2native); its context selects h2 or http/1.1
+            nctx = contexts.native_inbound(i)
+            inbound.append(NativeHttpInboundListener(spec, nctx, engine, connections, metrics))
+            continue
         if engine is not None and http is None:  # protocol tcp: the C engine relays it
             nctx = contexts.native_inbound(i)
             inbound.append(NativeInboundListener(spec, nctx, engine, connections, metrics))
@@ -407,8 +456,10 @@ def _listeners(
         spec_out = OutboundSpec(
             name=o.name, socket_path=cfg.outbound_socket(o.name), host=o.upstream.host,
             port=o.upstream.port, sni=o.sni, peer=o.peer, trust_domain=plan.trust_domain,
-            http=OutboundHttp(contexts.offers(o), mode=o.protocol) if o.protocol != "tcp"
-            else None,
+            http=OutboundHttp(
+                contexts.offers(o), mode=o.protocol,
+                limits=HttpLimits(idle_timeout=o.timeouts.idle, header_timeout=o.timeouts.header),
+            ) if o.protocol != "tcp" else None,
         )  # fmt: skip
         if engine is not None and spec_out.http is None:
             nctx = contexts.native_outbound(o)
@@ -470,8 +521,11 @@ class _Contexts:
 
     def native_inbound(self, i: InboundConfig) -> Context:
         auth, tls, ident = i.clients == "marbles", i.tls, self._identity
-        return cast("Context", self._get(("nin", auth, tls), lambda: native_server_context(
-            ident, client_auth=auth, min_version=tls.min_version, tickets=tls.session_tickets
+        # protocol http on the engine (the h2 fast path): it selects h2 or http/1.1
+        alpn = () if i.protocol == "tcp" else ("h2", "http/1.1")
+        return cast("Context", self._get(("nin", auth, tls, alpn), lambda: native_server_context(
+            ident, client_auth=auth, min_version=tls.min_version, tickets=tls.session_tickets,
+            alpn=alpn,
         )))  # fmt: skip
 
     def outbound(self, o: OutboundConfig) -> ssl.SSLContext:

@@ -6,7 +6,8 @@ update. It learns of an update by polling the mesh API's ``GET /api/v2/status``,
 every update (package SecurityVersion or full manifest) creates a new intermediate, and
 marbles trust only the current one, so a marble still under the old intermediate can no
 longer talk to marbles activated after the update. The poll is a small HTTPS GET pinned
-to the root (no quote, nothing written), every ``UPDATE_POLL`` seconds.
+to the root (no quote, nothing written), every ``coordinator.update_poll`` (10 s by
+default, +-20 % so that marbles started together spread their polls).
 
 A renewal is a fresh key, a CSR and a quote binding that key (``client.renew``, ``POST
 /api/v2/marble/renew``). New connections then use contexts of the new identity; open
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -37,7 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshproxy.runtime.renew")
 
 RENEW_FRACTION = 0.7
-UPDATE_POLL = 5.0
+UPDATE_POLL = 10.0  # the default of coordinator.update_poll
+POLL_JITTER = 0.2  # each interval is +-20 %: marbles started together do not poll together
 RETRY_FIRST = 1.0
 RETRY_MAX = 30.0
 
@@ -87,6 +90,10 @@ def next_step(
     return Step("wait", max(0.0, min(wake) - now))
 
 
+def _jitter() -> float:
+    return random.uniform(1 - POLL_JITTER, 1 + POLL_JITTER)  # noqa: S311 (spreading load)
+
+
 @dataclass(frozen=True)
 class Renewed:
     """What a successful renewal hands to the data plane (opaque here)."""
@@ -114,6 +121,7 @@ class Renewer:
         cut_off: Callable[[], Awaitable[None]],
         clock: Callable[[], float] = time.time,
         poll: float = UPDATE_POLL,
+        jitter: Callable[[], float] | None = None,
     ) -> None:
         self.lease = lease
         self._renew = renew
@@ -122,6 +130,7 @@ class Renewer:
         self._cut_off = cut_off
         self._clock = clock
         self._poll = poll
+        self._jitter = jitter or _jitter
         self.expired = False
         self.renewals = 0
         self.refusals = 0
@@ -130,7 +139,7 @@ class Renewer:
         update_seen = False
         retry_at: float | None = None
         backoff = RETRY_FIRST
-        poll_at = self._clock() + self._poll
+        poll_at = self._clock() + self._poll * self._jitter()
         while True:
             now = self._clock()
             step = next_step(
@@ -147,7 +156,7 @@ class Renewer:
                 )
                 await self._cut_off()
             elif step.action == "poll":
-                poll_at = now + self._poll
+                poll_at = now + self._poll * self._jitter()
                 seen = await self._poll_once()
                 if seen is not None and seen != self.lease.intermediate:
                     update_seen = True
@@ -163,8 +172,14 @@ class Renewer:
                     self._failed(exc, backoff)
                     backoff = min(backoff * 2, RETRY_MAX)
                     continue
+                try:
+                    await self._apply(renewed)
+                except MeshError as exc:  # e.g. a certificate the TLS library refuses
+                    retry_at = self._clock() + backoff
+                    self._failed(exc, backoff)
+                    backoff = min(backoff * 2, RETRY_MAX)
+                    continue
                 old, self.lease = self.lease, renewed.lease
-                await self._apply(renewed)
                 self.renewals += 1
                 log.info(
                     "certificate renewed",
@@ -174,7 +189,7 @@ class Renewer:
                 )  # fmt: skip
                 self.expired = False
                 update_seen, retry_at, backoff = False, None, RETRY_FIRST
-                poll_at = self._clock() + self._poll
+                poll_at = self._clock() + self._poll * self._jitter()
 
     async def _poll_once(self) -> str | None:
         try:

@@ -135,10 +135,18 @@ def _why_not(exc: NativeUnavailable) -> str:
 # -- native contexts with the listener's TLS options ------------------------------------------
 # (``tls._native``'s builders have no version/ticket options yet; the engine's Context has.)
 def native_server_context(
-    identity: TLSIdentity, *, client_auth: bool, min_version: str = "1.3", tickets: bool = False
+    identity: TLSIdentity,
+    *,
+    client_auth: bool,
+    min_version: str = "1.3",
+    tickets: bool = False,
+    alpn: Sequence[str] = (),
 ) -> Context:
-    """A listener's native context: mTLS against the intermediate, or public."""
-    return _native_context(identity, server=True, verify_peer=client_auth, alpn=(),
+    """A listener's native context: mTLS against the intermediate, or public; ``alpn``:
+    the protocols it selects from (an HTTP listener's ``h2``, ``http/1.1``)."""
+    if any(p.lower().startswith("istio") for p in alpn):
+        raise ValueError("istio ALPN values are never used")
+    return _native_context(identity, server=True, verify_peer=client_auth, alpn=alpn,
                            min_version=min_version, tickets=tickets)  # fmt: skip
 
 

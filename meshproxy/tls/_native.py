@@ -27,7 +27,7 @@ import socket
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from meshproxy.errors import ConnectError, MeshError, NativeUnavailable, PKIError
 from meshproxy.tls._python import TLSIdentity
@@ -85,9 +85,14 @@ def _translate(what: str, native: ModuleType | None = None) -> Iterator[None]:
 
 
 # -- contexts -------------------------------------------------------------------------------
-def native_server_context(identity: TLSIdentity, *, client_auth: bool) -> Context:
-    """A listener's context: mTLS against the intermediate, or server-auth only (public)."""
-    return _context(identity, server=True, verify_peer=client_auth, alpn=())
+def native_server_context(
+    identity: TLSIdentity, *, client_auth: bool, alpn: Sequence[str] = ()
+) -> Context:
+    """A listener's context: mTLS against the intermediate, or server-auth only (public);
+    ``alpn``: the protocols it selects from (an HTTP listener's ``h2``, ``http/1.1``)."""
+    if any(p.lower().startswith("istio") for p in alpn):
+        raise ValueError("istio ALPN values are never used")
+    return _context(identity, server=True, verify_peer=client_auth, alpn=alpn)
 
 
 def native_client_context(identity: TLSIdentity, *, alpn: Sequence[str] = ()) -> Context:
@@ -135,6 +140,7 @@ class Closed:
     tls_to_app: int
     app_to_tls: int
     reason: str | None
+    http: dict[str, Any] | None = None  # an HTTP/2 relay's counters (native_tls/h2relay.h)
 
 
 class NativeSession:
@@ -147,6 +153,8 @@ class NativeSession:
         self._engine = engine
         self._handshake: asyncio.Future[Handshake] = loop.create_future()
         self._closed: asyncio.Future[Closed] = loop.create_future()
+        self._on_refused: Callable[[Any], None] | None = None
+        self._on_stats: Callable[[dict[str, Any]], None] | None = None
 
     async def handshake(self, timeout: float) -> Handshake:
         """The handshake's result; ``ConnectError`` (the reason) when it failed."""
@@ -168,6 +176,37 @@ class NativeSession:
             app.close()
             raise
         app.detach()
+
+    def relay_h2(
+        self,
+        app: socket.socket,
+        policy: tuple[Any, ...],
+        on_refused: Callable[[Any], None],
+        on_stats: Callable[[dict[str, Any]], None],
+    ) -> None:
+        """``relay`` as an HTTP/2 relay (client h2 -> app h2c, native_tls/h2relay.h) with
+        ``policy``; ``on_refused`` gets each refused request (stream, status, method, path,
+        reason), ``on_stats`` the request counters as they accrue (the last ones come with
+        the closed result, ``Closed.http``)."""
+        if self._closed.done():
+            app.close()
+            return
+        self._on_refused = on_refused
+        self._on_stats = on_stats
+        try:
+            with _translate("relay", self._engine.module):
+                self._engine.native.relay_h2(self.conn_id, app.fileno(), policy)
+        except MeshError:
+            app.close()
+            raise
+        app.detach()
+
+    def drain_h2(self) -> None:
+        """Shutdown of an HTTP/2 relay: GOAWAY now; it ends (reason ``drained``) once its
+        streams are done."""
+        if not self._closed.done() and not self._engine._closing:
+            with _translate("drain", self._engine.module):
+                self._engine.native.drain_h2(self.conn_id)
 
     def close(self, reason: str) -> None:
         """End the connection (idempotent); its closed future resolves with ``reason``."""
@@ -201,6 +240,8 @@ class NativeEngine:
                 threads or 0, buffer_size=BUFFER_SIZE, read_buffer_size=READ_BUFFER_SIZE
             )
         self._kinds = (native.HANDSHAKE, native.HANDSHAKE_FAILED, native.CLOSED)
+        self._refused = getattr(native, "HTTP_REFUSED", -1)
+        self._stats = getattr(native, "HTTP_STATS", -1)
         self._loop = asyncio.get_running_loop()
         self._sessions: dict[int, NativeSession] = {}
         self._listeners: dict[int, Callable[[Event], None]] = {}
@@ -326,9 +367,15 @@ class NativeEngine:
                 continue
             if event.kind == handshake:
                 session._handshook(_handshake_of(event))
+            elif event.kind == self._refused:
+                if session._on_refused is not None:
+                    session._on_refused(event.refusal)
+            elif event.kind == self._stats:
+                if session._on_stats is not None and event.http is not None:
+                    session._on_stats(event.http)
             else:
                 del self._sessions[event.conn_id]
-                closed = Closed(event.tls_to_app, event.app_to_tls, event.reason)
+                closed = Closed(event.tls_to_app, event.app_to_tls, event.reason, event.http)
                 session._ended(closed, handshake_failed=event.kind == failed)
 
 

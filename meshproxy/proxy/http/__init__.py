@@ -6,8 +6,10 @@ cross unchanged with end-to-end flow control. See ``_listener`` for the two dire
 ``_forward`` for one exchange, ``_h2``/``_h1`` for the protocols, ``_hbone`` for tunnels.
 """
 
+from meshproxy.proxy.http._drain import Drain
 from meshproxy.proxy.http._forward import forward, local_reply
 from meshproxy.proxy.http._guard import ResetBudget
+from meshproxy.proxy.http._hbone import hbone_caller
 from meshproxy.proxy.http._headers import identity_headers, is_identity_header, sanitize
 from meshproxy.proxy.http._listener import (
     HttpSummary,
@@ -23,6 +25,7 @@ from meshproxy.proxy.http._routes import Decision, RoutePolicy, resolve_routes
 
 __all__ = [
     "Decision",
+    "Drain",
     "HttpLimits",
     "HttpSummary",
     "InboundHttp",
@@ -33,6 +36,7 @@ __all__ = [
     "RoutePolicy",
     "StreamReset",
     "forward",
+    "hbone_caller",
     "identity_headers",
     "is_identity_header",
     "local_reply",

@@ -6,6 +6,10 @@ upstream, and this task copies the response head, body and trailers back. Body c
 go through unchanged. How it can end besides success:
 
 * the upstream cannot be reached: a local 503 (gRPC: UNAVAILABLE, trailers-only);
+* the upstream refuses the stream unprocessed (RST_STREAM REFUSED_STREAM, or a GOAWAY
+  below its id: a draining or full upstream): a request without a body is sent once
+  more, on a new connection if the old one is going away (what Envoy's default
+  ``refused-stream`` retry does); otherwise the refusal goes to the client;
 * the upstream resets the stream: the same RST_STREAM code goes to the client (HTTP/2),
   so gRPC clients see what the server meant; on HTTP/1.1 a 502, or a closed connection
   once the response has started;
@@ -26,6 +30,7 @@ from meshproxy.proxy.http._model import (
     CANCEL,
     INTERNAL_ERROR,
     NO_ERROR,
+    REFUSED_STREAM,
     Body,
     Chunk,
     Headers,
@@ -39,6 +44,7 @@ GRPC_PERMISSION_DENIED = 7
 GRPC_UNAVAILABLE = 14
 GRPC_INTERNAL = 13
 GRPC_INVALID_ARGUMENT = 3
+GRPC_UNAUTHENTICATED = 16
 
 
 class ServerExchange(Protocol):
@@ -132,16 +138,31 @@ async def local_reply(
         ex.finish()
 
 
+_RETRY = "retry"
+
+
 async def forward(
     ex: ServerExchange, upstream: Upstream, head: RequestHead, observer: Observer = QUIET
 ) -> str | None:
     """Forward one exchange; returns why it failed, or None when it completed."""
     await ex.interim(100)  # an HTTP/1.1 client waiting on Expect: 100-continue may send now
-    try:
-        stream = await upstream.open(head)
-    except (UpstreamUnavailable, StreamReset) as exc:
-        await local_reply(ex, 503, GRPC_UNAVAILABLE, f"upstream unavailable: {exc}", observer)
-        return f"upstream unavailable: {exc}"
+    retries = 1 if head.ended else 0  # only a request without a body can be sent again
+    while True:
+        try:
+            stream = await upstream.open(head)
+        except (UpstreamUnavailable, StreamReset) as exc:
+            await local_reply(ex, 503, GRPC_UNAVAILABLE, f"upstream unavailable: {exc}", observer)
+            return f"upstream unavailable: {exc}"
+        why = await _exchange(ex, stream, head, observer, may_retry=retries > 0)
+        if why != _RETRY:
+            return why
+        retries -= 1
+
+
+async def _exchange(
+    ex: ServerExchange, stream: ClientStream, head: RequestHead, observer: Observer,
+    *, may_retry: bool,
+) -> str | None:  # fmt: skip
     pump = asyncio.ensure_future(_pump(ex.body, stream)) if not head.ended else None
     started = False
     status = 0
@@ -170,6 +191,8 @@ async def forward(
         ex.finish()
         return None
     except StreamReset as exc:
+        if may_retry and not started and exc.code == REFUSED_STREAM and not ex.gone:
+            return _RETRY  # the upstream did not process it: safe to send again
         if ex.gone:
             stream.reset(ex.reset_code if ex.reset_code is not None else CANCEL)
             observer.finished(status, None, ok=False)

@@ -9,6 +9,11 @@ body into a ``Body`` and stops reading once ``h1_body_buffer`` bytes wait to be 
 on. A connection is reused only when both sides finished the exchange cleanly;
 anything else (a reset, a body not read to its end) closes it. HTTP/1.1 cannot reset one
 exchange, so a reset closes the connection.
+
+Between requests the server waits ``idle_timeout`` for the next one; once its first bytes
+arrive, the whole head must follow within ``header_timeout`` (else 408 and close: a
+slowloris holds nothing for long). ``drain()`` (shutdown) closes an idle connection at
+once and answers the request in progress with ``Connection: close``.
 """
 
 from __future__ import annotations
@@ -59,15 +64,19 @@ class _Wire:
         self.h11 = h11.Connection(role, max_incomplete_event_size=limits.max_header_bytes)
         self.limits = limits
         self.broken = False
+        self.closing = False  # the next response says Connection: close (drain)
         self._outstanding = 0  # body bytes handed on and not yet written by the other side
         self._credit: asyncio.Future[None] | None = None
 
-    async def next_event(self) -> Any:
-        """The next h11 event; reads as needed. Raises h11.RemoteProtocolError, OSError."""
+    async def next_event(self, on_data: Callable[[], None] | None = None) -> Any:
+        """The next h11 event; reads as needed (``on_data`` is told of each read that
+        brought bytes). Raises h11.RemoteProtocolError, OSError."""
         while True:
             event = self.h11.next_event()
             if event is h11.NEED_DATA:
                 data = await self.stream.read()
+                if data and on_data is not None:
+                    on_data()
                 self.h11.receive_data(data)  # b"": the peer closed
                 continue
             return event
@@ -175,6 +184,8 @@ class H1ServerExchange:
         if end_stream and not has_length and not bodiless:
             headers.append((b"content-length", b"0"))
             has_length = True
+        if self._wire.closing:
+            headers.append((b"connection", b"close"))
         self._chunked = not has_length and not bodiless and self._version == b"1.1"
         await self._wire.send(
             h11.Response(status_code=head.status, headers=headers, reason=_reason(head.status))
@@ -214,13 +225,21 @@ class H1Server:
         self._scheme = scheme
         self.requests = 0
         self.error: str | None = None
+        self.ended: str | None = None  # why the proxy ended it cleanly (idle, drained)
+        self._waiting: asyncio.Timeout | None = None  # set while waiting idle for a request
+
+    def drain(self) -> None:
+        """Shutdown: close now if idle, else after the current response (Connection: close)."""
+        self._wire.closing = True
+        if self._waiting is not None:
+            self._waiting.reschedule(asyncio.get_running_loop().time())
 
     async def serve(self) -> None:
         wire = self._wire
         try:
             while not wire.broken:
                 try:
-                    event = await wire.next_event()
+                    event = await self._next_request()
                 except h11.RemoteProtocolError as exc:
                     self.error = f"malformed HTTP/1.1 request: {exc}"
                     await self._refuse(exc)
@@ -229,13 +248,46 @@ class H1Server:
                     self.error = f"connection lost: {exc}"
                     return
                 if not isinstance(event, h11.Request):
-                    return  # ConnectionClosed: the client is done
+                    return  # ConnectionClosed (the client is done) or a timeout
                 if not await self._exchange(event) or not wire.reusable:
+                    if wire.closing and not self.error:
+                        self.ended = "drained"
                     return
                 wire.h11.start_next_cycle()
         finally:
             with contextlib.suppress(OSError):
                 await wire.stream.aclose()
+
+    async def _next_request(self) -> Any:
+        """The next request head within the idle and header timeouts; None if they passed."""
+        wire, limits = self._wire, self._wire.limits
+        loop = asyncio.get_running_loop()
+        started = bool(wire.h11.trailing_data[0])  # a pipelined request is already here
+        if wire.closing and not started:
+            self.ended = "drained"
+            return None
+        timeout = limits.header_timeout if started else limits.idle_timeout
+        try:
+            async with asyncio.timeout(timeout) as deadline:
+
+                def first_bytes() -> None:
+                    nonlocal started
+                    if not started:
+                        started = True
+                        self._waiting = None
+                        deadline.reschedule(loop.time() + limits.header_timeout)
+
+                self._waiting = None if started else deadline
+                return await wire.next_event(on_data=first_bytes)
+        except TimeoutError:
+            if not started:
+                self.ended = "drained" if wire.closing else f"idle for {limits.idle_timeout:g} s"
+                return None
+            self.error = f"request head incomplete after {limits.header_timeout:g} s"
+            await self._refuse(h11.RemoteProtocolError(self.error, 408))
+            return None
+        finally:
+            self._waiting = None
 
     async def _exchange(self, event: h11.Request) -> bool:
         self.requests += 1
@@ -360,14 +412,16 @@ class H1Pool:
     """HTTP/1.1 connections to one upstream, opened on demand, reused when clean.
 
     An idle connection is watched by a pending read: if the upstream closes it (or sends
-    anything) while idle, it is dropped instead of being handed out.
+    anything) while idle, it is dropped instead of being handed out; after
+    ``idle_timeout`` unused, it is closed.
     """
 
     def __init__(self, dial: Callable[[], Awaitable[ByteStream]], limits: HttpLimits) -> None:
         self._dial = dial
         self._limits = limits
-        self._idle: list[tuple[_Wire, asyncio.Task[bytes]]] = []
+        self._idle: list[tuple[_Wire, asyncio.Task[bytes], asyncio.TimerHandle]] = []
         self._busy: set[_Wire] = set()
+        self._closing: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(limits.h1_connections)  # requests beyond it queue
         self._closed = False
 
@@ -394,7 +448,8 @@ class H1Pool:
 
     async def _take_idle(self) -> _Wire | None:
         while self._idle:
-            wire, watcher = self._idle.pop()
+            wire, watcher, timer = self._idle.pop()
+            timer.cancel()
             if not watcher.done():
                 watcher.cancel()
                 await asyncio.wait([watcher])
@@ -413,16 +468,37 @@ class H1Pool:
             wire.abort()
             return
         wire.h11.start_next_cycle()
-        watcher = asyncio.get_running_loop().create_task(wire.stream.read())
-        self._idle.append((wire, watcher))
+        loop = asyncio.get_running_loop()
+        watcher = loop.create_task(wire.stream.read())
+        timer = loop.call_later(self._limits.idle_timeout, self._expire, wire)
+        self._idle.append((wire, watcher, timer))
+
+    def _expire(self, wire: _Wire) -> None:
+        for i, (idle, watcher, _) in enumerate(self._idle):
+            if idle is wire:
+                del self._idle[i]
+                task = asyncio.get_running_loop().create_task(self._close_idle(wire, watcher))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+                return
+
+    @staticmethod
+    async def _close_idle(wire: _Wire, watcher: asyncio.Task[bytes]) -> None:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        wire.broken = True
+        with contextlib.suppress(OSError):
+            await wire.stream.aclose()  # TLS close_notify: the upstream sees a clean close
 
     async def close(self) -> None:
         self._closed = True
         idle, self._idle = self._idle, []
-        for wire, watcher in idle:
+        for wire, watcher, timer in idle:
+            timer.cancel()
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
             with contextlib.suppress(OSError):
                 await wire.stream.aclose()
         for wire in list(self._busy):
             wire.abort()
+        await asyncio.gather(*self._closing, return_exceptions=True)

@@ -14,6 +14,14 @@ A stream ends normally, by RST_STREAM (``StreamReset`` with the peer's code, ``r
 set), or with the connection (``StreamReset`` with ``remote`` unset). The connection
 ends at EOF, on a protocol error (h2 queues GOAWAY with the code), or when the peer
 resets more streams than its ``ResetBudget`` allows (GOAWAY ENHANCE_YOUR_CALM).
+
+The server also ends it on its own (GOAWAY, then close): after ``idle_timeout`` without
+a stream, when a frame stays incomplete for ``header_timeout``, and on ``drain()``
+(shutdown), gracefully as RFC 9113 6.8 describes: GOAWAY with the highest stream id and
+a PING; one round trip later (the PING's ACK, or a second) GOAWAY with the last stream
+it took; the streams up to it finish, later ones are refused, then it closes. A stream
+beyond ``max_concurrent_streams`` is refused with RST_STREAM REFUSED_STREAM (RFC 9113
+5.1.2: a stream error the client may retry), never a connection error.
 """
 
 from __future__ import annotations
@@ -56,6 +64,37 @@ from meshproxy.proxy.http._model import (
 log = logging.getLogger("meshproxy.proxy.http")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_MAX_STREAM_ID = 2**31 - 1
+_DRAIN_PING = b"meshdrn!"
+_DRAIN_RTT = 1.0  # the longest wait for the drain PING's ACK
+
+_CS = h2.connection.ConnectionState
+_CI = h2.connection.ConnectionInputs
+
+
+class _GracefulGoaway(h2.connection.H2ConnectionStateMachine):
+    """h2 closes a connection at the first GOAWAY sent or received (python-hyper/h2#1181),
+    but RFC 9113 6.8 lets the streams up to the last stream id finish. So GOAWAY leaves
+    an open connection open; the endpoints refuse new streams themselves."""
+
+    _transitions = {
+        **h2.connection.H2ConnectionStateMachine._transitions,
+        **{
+            (state, goaway): (None, state)
+            for state in (_CS.IDLE, _CS.CLIENT_OPEN, _CS.SERVER_OPEN)
+            for goaway in (_CI.SEND_GOAWAY, _CI.RECV_GOAWAY)
+        },
+    }
+
+
+class _Connection(h2.connection.H2Connection):
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config)
+        self.state_machine = _GracefulGoaway()
+
+    def clear_outbound_data_buffer(self) -> None:
+        """h2 drops the queued frames when GOAWAY arrives; those of the streams that
+        still finish (WINDOW_UPDATE, DATA) must leave, so nothing is dropped."""
 
 
 class _Stream:
@@ -78,7 +117,7 @@ class H2Endpoint:
         self._stream = stream
         self.limits = limits
         self._loop = asyncio.get_running_loop()
-        self.h2 = h2.connection.H2Connection(
+        self.h2 = _Connection(
             h2.config.H2Configuration(client_side=client_side, header_encoding=None)
         )
         initial: dict[h2.settings.SettingCodes, int] = {
@@ -91,12 +130,20 @@ class H2Endpoint:
         self.h2.local_settings = h2.settings.Settings(client=client_side, initial_values=initial)
         self.h2.decoder.max_header_list_size = limits.max_header_bytes
         self.h2.initiate_connection()
+        if not client_side:
+            # h2 treats a stream over MAX_CONCURRENT_STREAMS as a connection error; the
+            # server refuses it as a stream error instead (_on_request). So the limit we
+            # sent stays the advertised one and h2 enforces none.
+            initial[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = _MAX_STREAM_ID
+            self.h2.local_settings = h2.settings.Settings(client=False, initial_values=initial)
         if limits.connection_window > 65535:
             self.h2.increment_flow_control_window(limits.connection_window - 65535)
         self._streams: dict[int, _Stream] = {}
         self._closed = False
         self.goaway_received = False
         self.error: str | None = None  # why the connection ended, if not cleanly
+        self.ended: str | None = None  # why the proxy ended it cleanly (idle, drained)
+        self._closer: asyncio.Task[None] | None = None
         # the writer: generation counters tell a sender when its frames were written
         self._dirty = asyncio.Event()
         self._queued = 0
@@ -120,8 +167,8 @@ class H2Endpoint:
                     data = await self._stream.read()
                 except OSError as exc:
                     ended = StreamReset(CANCEL, f"connection lost: {exc}")
-                    if not self.goaway_received:  # after GOAWAY a reset is just a close
-                        self.error = str(ended)
+                    if not self.goaway_received and self._closer is None:
+                        self.error = str(ended)  # after GOAWAY a reset is just a close
                     break
                 if not data:
                     ended = StreamReset(CANCEL, "connection closed by peer")
@@ -138,8 +185,11 @@ class H2Endpoint:
                     if self._closed:  # we sent GOAWAY: the rest of the batch is moot
                         break
                     self._dispatch(event)
+                self._received()
                 self._kick()
         finally:
+            if self._closer is not None:  # the proxy ended it: that is the reason
+                ended = StreamReset(CANCEL, self.error or self.ended or "closed")
             await self._shutdown(ended)
 
     async def _shutdown(self, ended: StreamReset) -> None:
@@ -154,6 +204,8 @@ class H2Endpoint:
             self._writer.cancel()
         await asyncio.gather(self._writer, return_exceptions=True)
         self._notify_written(everything=True)
+        if self._closer is not None:
+            await asyncio.gather(self._closer, return_exceptions=True)
         await self._stream.aclose()
 
     def goaway(self, code: int, reason: str) -> None:
@@ -165,6 +217,32 @@ class H2Endpoint:
             self.h2.close_connection(error_code=code)
         self._kick()
         self._closed = True
+
+    def stop(
+        self, code: int | None, reason: str, *, clean: bool, last_stream: int | None = None
+    ) -> None:
+        """End the connection from outside the reader (a timer, the drain): GOAWAY with
+        ``code`` (unless ``code`` is None), then close once it was written."""
+        if self._closed:
+            return
+        if clean:
+            self.ended = reason
+        else:
+            self.error = reason
+        if code is not None:
+            last = self.h2.highest_inbound_stream_id if last_stream is None else last_stream
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.h2.close_connection(error_code=code, last_stream_id=last)
+        self._closed = True
+        self._kick()
+        self._closer = self._loop.create_task(self._close_when_written())
+
+    async def _close_when_written(self) -> None:
+        # closing the stream wakes the reader (EOF or a reset), which then shuts down
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._flushed(), 2.0)
+        with contextlib.suppress(OSError):
+            await self._stream.aclose()
 
     # -- the writer --------------------------------------------------------------------
     def _kick(self) -> None:
@@ -341,6 +419,9 @@ class H2Endpoint:
         _wake(self._capacity)
 
     # role hooks
+    def _received(self) -> None:
+        pass
+
     def _on_peer_reset(self, st: _Stream) -> None:
         pass
 
@@ -419,22 +500,127 @@ class H2Server(H2Endpoint):
         self._on_goaway_sent = on_goaway
         self._running: set[asyncio.Task[None]] = set()
         self.requests = 0
+        self.refused = 0  # streams refused with REFUSED_STREAM (over the limit, after GOAWAY)
+        self._draining = False
+        self._last_stream: int | None = None  # set by the final GOAWAY of a drain
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._frame_timer: asyncio.TimerHandle | None = None
+        self._arm_idle()
 
     async def serve(self) -> None:
         try:
             await self.run()
         finally:
+            for timer in (self._idle_timer, self._frame_timer, self._drain_timer):
+                if timer is not None:
+                    timer.cancel()
             tasks = list(self._running)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    # -- timeouts and drain ------------------------------------------------------------
+    def _arm_idle(self) -> None:
+        if self._idle_timer is None and not self._closed:
+            self._idle_timer = self._loop.call_later(self.limits.idle_timeout, self._idle)
+
+    def _disarm_idle(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _idle(self) -> None:
+        self._idle_timer = None
+        if not self._streams:
+            self.stop(NO_ERROR, f"idle for {self.limits.idle_timeout:g} s", clean=True)
+
+    def _received(self) -> None:
+        # A peer that trickles a frame, or a header block without its CONTINUATION (a
+        # slowloris), must complete it within header_timeout. h2 keeps both in its frame
+        # buffer and offers no public view of them (test_http_timeouts checks this one).
+        buffer = self.h2.incoming_buffer
+        partial = bool(getattr(buffer, "_data", b"") or getattr(buffer, "_headers_buffer", ()))
+        if partial and self._frame_timer is None:
+            self._frame_timer = self._loop.call_later(
+                self.limits.header_timeout, self._frame_expired
+            )
+        elif not partial and self._frame_timer is not None:
+            self._frame_timer.cancel()
+            self._frame_timer = None
+
+    def _frame_expired(self) -> None:
+        self._frame_timer = None
+        reason = f"a frame stayed incomplete for {self.limits.header_timeout:g} s"
+        self.stop(ENHANCE_YOUR_CALM, reason, clean=False)
+
+    def drain(self) -> None:
+        """Shutdown: stop taking streams, let those in flight finish, then close."""
+        if self._closed or self._draining:
+            return
+        self._draining = True
+        if self._on_goaway_sent is not None:
+            self._on_goaway_sent("drain")
+        if not self._streams:
+            self._last_stream = self.h2.highest_inbound_stream_id
+            self.stop(NO_ERROR, "drained", clean=True)
+            return
+        # first the notice (no new streams, please), then after one round trip the
+        # last stream id: streams the client sent meanwhile are still served
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.h2.close_connection(error_code=NO_ERROR, last_stream_id=_MAX_STREAM_ID)
+            self.h2.ping(_DRAIN_PING)
+        self._kick()
+        self._drain_timer = self._loop.call_later(_DRAIN_RTT, self._final_goaway)
+
+    def _final_goaway(self) -> None:
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+        if self._closed or self._last_stream is not None:
+            return
+        self._last_stream = self.h2.highest_inbound_stream_id
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.h2.close_connection(error_code=NO_ERROR, last_stream_id=self._last_stream)
+        self._kick()
+        if not self._streams:
+            self.stop(None, "drained", clean=True)
+
+    def forget(self, stream_id: int) -> None:
+        super().forget(stream_id)
+        if self._streams or self._closed:
+            return
+        if self._last_stream is not None:
+            self.stop(None, "drained", clean=True)
+        elif not self._draining:
+            self._arm_idle()
+
+    # -- requests ----------------------------------------------------------------------
     def _on_other(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
             self._on_request(event)
+        elif isinstance(event, h2.events.PingAckReceived) and event.ping_data == _DRAIN_PING:
+            self._final_goaway()
+
+    def _refuse(self, stream_id: int, why: str) -> None:
+        self.refused += 1
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.h2.reset_stream(stream_id, error_code=REFUSED_STREAM)
+        self._kick()
+        log.debug("HTTP/2 stream refused", extra={"event": "http.refused_stream",
+                                                  "stream": stream_id, "reason": why})  # fmt: skip
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id or 0
+        if self._last_stream is not None and sid > self._last_stream:
+            self._refuse(sid, "after GOAWAY")
+            return
+        if self._open_streams() >= self.limits.max_concurrent_streams:
+            # a refused stream cost us its head: it spends the peer's reset budget too
+            self._refuse(sid, f"over the limit of {self.limits.max_concurrent_streams} streams")
+            self._spend()
+            return
+        self._disarm_idle()
         ended = event.stream_ended is not None
         st = _Stream(sid)
         if ended:
@@ -447,6 +633,15 @@ class H2Server(H2Endpoint):
         self._running.add(task)
         task.add_done_callback(functools.partial(self._handler_done, sid))
 
+    def _open_streams(self) -> int:
+        """Streams that count against the limit: not yet closed both ways (RFC 9113 5.1;
+        a handler may still be winding up one the client already saw end)."""
+        return sum(
+            1
+            for st in self._streams.values()
+            if st.reset is None and not (st.local_ended and st.body.ended)
+        )
+
     def _handler_done(self, stream_id: int, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         self.forget(stream_id)
@@ -457,9 +652,13 @@ class H2Server(H2Endpoint):
     def _on_peer_reset(self, st: _Stream) -> None:
         if st.task is not None and not st.task.done():
             st.task.cancel()
+        self._spend()
+
+    def _spend(self) -> None:
         if not self._budget.spend(self._loop.time()):
             reason = (
-                f"peer reset {self._budget.spent} streams, more than the rapid-reset budget "
+                f"peer reset (or opened over the limit) {self._budget.spent} streams, more "
+                "than the rapid-reset budget "
                 f"(burst {self._budget.burst}, {self._budget.rate:g}/s)"
             )
             if self._on_goaway_sent is not None:
@@ -548,4 +747,5 @@ class H2Client(H2Endpoint):
         last = event.last_stream_id or 0
         for st in list(self._streams.values()):
             if st.id > last:  # never processed: safe for the client to retry
-                self._fail(st, StreamReset(REFUSED_STREAM, "upstream sent GOAWAY before it"))
+                refused = StreamReset(REFUSED_STREAM, "upstream sent GOAWAY before it", remote=True)
+                self._fail(st, refused)

@@ -3,10 +3,12 @@
 Inbound (``protocol: hbone``): each CONNECT stream of a verified peer becomes one
 connection to the app's Unix socket, as a ``tcp`` listener would make, optionally
 prefixed by the PROXY v2 identity header. Replies follow ztunnel: 400 for anything but
-CONNECT or for an authority that is not ``host:port``, 503 when the app is not
-listening, 200 and then the bytes. (ztunnel's 401 for a caller its policy refuses does
-not occur here: such callers are refused by the identity check after the handshake,
-before any stream.) ``Forwarded``, ``baggage`` and ``traceparent`` are tolerated.
+CONNECT or for an authority that is not ``host:port``, 401 for a caller the listener
+does not allow, 503 when the app is not listening, 200 and then the bytes. As ztunnel
+does, the TLS handshake takes any peer whose chain verifies and that is of our trust
+domain (``hbone_caller``); whether its identity may call is answered per CONNECT. A
+certificate not under our CA still fails the handshake. ``Forwarded``, ``baggage``,
+``traceparent`` and ``x-forwarded-network`` are tolerated and not passed on.
 
 Outbound (``protocol: hbone``): each app connection on the Unix socket becomes one
 CONNECT stream with ``:authority`` = the upstream ``host:port``, multiplexed with the
@@ -23,7 +25,8 @@ import logging
 import re
 from pathlib import Path
 
-from meshproxy.pki import PeerIdentity
+from meshproxy.errors import PKIError
+from meshproxy.pki import CertNames, PeerIdentity, identity_of
 from meshproxy.proxy import _proxyproto
 from meshproxy.proxy._relay import ByteStream
 from meshproxy.proxy.http._forward import Observer, ServerExchange, local_reply
@@ -57,6 +60,16 @@ def parse_authority(authority: bytes) -> tuple[str, int] | None:
     if not _HOST.match(host):
         return None
     return host, int(port)
+
+
+def hbone_caller(names: CertNames, trust_domain: str) -> PeerIdentity | None:
+    """The identity of a chain-verified HBONE caller if it is of ``trust_domain``
+    (it then gets 401 on its CONNECTs when not allowed); None: refuse the connection."""
+    try:
+        ident = identity_of(names)
+    except PKIError:
+        return None
+    return ident if ident.trust_domain == trust_domain else None
 
 
 async def serve_connect(

@@ -7,10 +7,16 @@ socket as h2c or HTTP/1.1 (``app_protocol``). Outbound: the app's plaintext on a
 socket, HTTP/2 (h2c) or HTTP/1.1 as the app speaks it -> mTLS to the upstream marble,
 offering exactly that protocol in ALPN (``h2`` or ``http/1.1``, never ``istio*``) so
 that no translation is needed on the way out.
+
+Both directions close a connection that stays idle (``idle_timeout``) or trickles a
+request head (``header_timeout``), and drain on shutdown (``Drain``). A stream that opens
+with Linkerd's transport header (``transport.l5d.io/v1``: a Linkerd proxy that took us
+for a Linkerd peer) is closed with a log line that says so; we never select that ALPN.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
@@ -22,9 +28,11 @@ from typing import Any
 from meshproxy.pki import PeerIdentity
 from meshproxy.proxy._metrics import Connection, ProxyMetrics
 from meshproxy.proxy._relay import ByteStream
+from meshproxy.proxy.http._drain import Drain
 from meshproxy.proxy.http._forward import (
     GRPC_INVALID_ARGUMENT,
     GRPC_PERMISSION_DENIED,
+    GRPC_UNAUTHENTICATED,
     QUIET,
     Observer,
     ServerExchange,
@@ -56,6 +64,7 @@ class InboundHttp:
     limits: HttpLimits = field(default_factory=HttpLimits)
     mode: str = "http"  # "http" | "hbone" (CONNECT streams to the app as bytes)
     proxy_protocol: bool = False  # hbone: a PROXY v2 header first on each stream
+    drain: Drain = field(default_factory=Drain, compare=False)  # shutdown's signal
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,7 @@ class OutboundHttp:
     limits: HttpLimits = field(default_factory=HttpLimits)
     mode: str = "http"  # "http" | "hbone"
     shared: dict[str, HboneOutbound] = field(default_factory=dict, compare=False)
+    drain: Drain = field(default_factory=Drain, compare=False)  # shutdown's signal
 
 
 def with_alpn(
@@ -109,15 +119,32 @@ class Prefixed:
         await self._stream.aclose()
 
 
-async def sniff(stream: ByteStream) -> tuple[str, Prefixed]:
-    """``h2`` if the peer opens with the HTTP/2 connection preface, else ``http/1.1``."""
+L5D_TRANSPORT = b"transport.l5d.io/v1\r\n\r\n"  # Linkerd's transport header preface
+
+
+async def sniff(
+    stream: ByteStream, on_data: Callable[[], None] | None = None
+) -> tuple[str, Prefixed]:
+    """``h2`` if the peer opens with the HTTP/2 connection preface, ``l5d`` if with
+    Linkerd's transport header, ``""`` if it sent nothing, else ``http/1.1``.
+
+    ``on_data`` is told when the first bytes arrived (the header timeout starts).
+    """
     buf = b""
-    while len(buf) < len(PREFACE) and PREFACE.startswith(buf):
+    while any(len(buf) < len(p) and p.startswith(buf) for p in (PREFACE, L5D_TRANSPORT)):
         data = await stream.read()
         if not data:
             break
+        if not buf and on_data is not None:
+            on_data()
         buf += data
-    return ("h2" if buf.startswith(PREFACE) else "http/1.1"), Prefixed(stream, buf)
+    if buf.startswith(PREFACE):
+        protocol = "h2"
+    elif buf.startswith(L5D_TRANSPORT):
+        protocol = "l5d"
+    else:
+        protocol = "http/1.1" if buf else ""
+    return protocol, Prefixed(stream, buf)
 
 
 @dataclass
@@ -129,6 +156,50 @@ class HttpSummary:
     read_bytes: int = 0
     written_bytes: int = 0
     error: str | None = None
+    ended: str | None = None  # a clean end the proxy chose: idle, drained
+
+
+async def _sniff(
+    stream: ByteStream, limits: HttpLimits, drain: Drain, summary: HttpSummary
+) -> Prefixed | None:
+    """The first bytes within the idle timeout (the drain ends the wait), the rest of
+    what tells the protocol within the header timeout; None if the connection ends."""
+    loop = asyncio.get_running_loop()
+    started = False
+    try:
+        async with asyncio.timeout(limits.idle_timeout) as deadline:
+
+            def first_bytes() -> None:
+                nonlocal started
+                started = True
+                deadline.reschedule(loop.time() + limits.header_timeout)
+
+            def drained() -> None:
+                if not started:
+                    deadline.reschedule(loop.time())
+
+            unsubscribe = drain.subscribe(drained)
+            try:
+                summary.protocol, wire = await sniff(stream, first_bytes)
+            finally:
+                unsubscribe()
+    except TimeoutError:
+        if started:
+            summary.error = f"request head incomplete after {limits.header_timeout:g} s"
+        else:
+            summary.ended = "drained" if drain.draining else f"idle for {limits.idle_timeout:g} s"
+    except OSError as exc:
+        summary.error = str(exc)
+    else:
+        if summary.protocol == "l5d":
+            summary.error = (
+                "the peer sent Linkerd's transport header (transport.l5d.io/v1): a Linkerd "
+                "proxy took this listener for a Linkerd peer; mark the port opaque or skip it"
+            )
+        elif summary.protocol:
+            return wire
+    await stream.aclose()
+    return None
 
 
 async def _serve(
@@ -139,13 +210,11 @@ async def _serve(
     upstream_for: Callable[[str], Upstream],
     handle: Callable[[ServerExchange, Upstream], Coroutine[Any, Any, None]],
     on_goaway: Callable[[str], None],
+    drain: Drain,
 ) -> HttpSummary:
     summary = HttpSummary()
-    try:
-        summary.protocol, wire = await sniff(stream)
-    except OSError as exc:
-        summary.error = str(exc)
-        await stream.aclose()
+    wire = await _sniff(stream, limits, drain, summary)
+    if wire is None:
         return summary
     upstream = upstream_for(summary.protocol)
 
@@ -157,12 +226,14 @@ async def _serve(
         server = H2Server(wire, limits, handler, on_goaway=on_goaway)
     else:
         server = H1Server(wire, limits, handler, scheme=scheme)
+    unsubscribe = drain.subscribe(server.drain)
     try:
         await server.serve()
     finally:
+        unsubscribe()
         await upstream.close()
         summary.requests = server.requests
-        summary.error = server.error
+        summary.error, summary.ended = server.error, server.ended
         summary.read_bytes, summary.written_bytes = wire.read_bytes, wire.written_bytes
     return summary
 
@@ -175,14 +246,19 @@ async def serve_inbound_http(
     settings: InboundHttp,
     peer: PeerIdentity | None,
     peer_der: bytes | None = None,
+    denied: str | None = None,
     metrics: ProxyMetrics | None = None,
     log_fields: Mapping[str, object] | None = None,
 ) -> HttpSummary:
     """Serve HTTP from one verified peer (None: a public client) until it disconnects.
 
-    ``peer_der`` (for XFCC's Hash) defaults to the TLS stream's peer certificate. The
+    ``peer_der`` (for XFCC's Hash) defaults to the TLS stream's peer certificate.
+    ``denied`` (HBONE only) says why the peer, chain-verified and of our trust domain,
+    may not call: each of its CONNECTs then gets 401, as ztunnel answers. The
     connection is counted in ``metrics`` and ends with one ``inbound.close`` log line.
     """
+    if denied is not None and settings.mode != "hbone":
+        raise ValueError("only HBONE answers a refused caller per request (401)")
     caller = peer.marble_type if peer is not None else None
     peer_id = peer.spiffe_id if peer is not None else ""
     if peer_der is None and isinstance(stream, TLSStream):
@@ -196,6 +272,13 @@ async def serve_inbound_http(
         record: Observer = metrics.request("inbound", listener, peer_id) if metrics else QUIET
         head = ex.request
         if settings.mode == "hbone":
+            if denied is not None:
+                if metrics is not None:
+                    metrics.authz(listener, peer_id, "hbone", 401)
+                info = {"listener": listener, "peer": peer_id, "reason": denied}
+                log.info("CONNECT refused", extra={"event": "hbone.denied", **info})
+                await local_reply(ex, 401, GRPC_UNAUTHENTICATED, denied, record)
+                return
             source = stream.remote if isinstance(stream, TLSStream) else None
             why = await serve_connect(
                 ex, app_socket=app_socket, peer=peer, source=source,
@@ -239,6 +322,7 @@ async def serve_inbound_http(
         upstream_for=lambda _: make_upstream(settings.app_protocol, dial, settings.limits),
         handle=handle,
         on_goaway=goaway,
+        drain=settings.drain,
     )
     _closed(log_in, "inbound", summary, counted, started, log_fields)
     return summary
@@ -295,7 +379,7 @@ def _closed(
             "requests": summary.requests,
             received: summary.read_bytes,
             sent: summary.written_bytes,
-            "reason": summary.error or "eof",
+            "reason": summary.error or summary.ended or "eof",
             "duration_ms": round((time.monotonic() - started) * 1000),
             **(log_fields or {}),
         },
@@ -360,6 +444,7 @@ async def serve_outbound_http(
         upstream_for=upstream_for,
         handle=handle,
         on_goaway=goaway,
+        drain=settings.drain,
     )
     _closed(log_out, "outbound", summary, counted, started, log_fields)
     return summary

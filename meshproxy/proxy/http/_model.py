@@ -39,6 +39,11 @@ class HttpLimits:
     and ztunnel's pools), a 64 KiB header list (ztunnel; Envoy uses 60 KiB), and the
     rapid-reset budget of nghttp2 1.57 (a burst of 1000 reset streams, refilled at 33 per
     second) after which the connection gets GOAWAY ENHANCE_YOUR_CALM (CVE-2023-44487).
+
+    Timeouts: a connection with no request in progress is closed after ``idle_timeout``
+    (Envoy's default for HTTP connections, one hour); a request head (and an HTTP/2
+    frame) that started arriving must be complete within ``header_timeout`` (10 s, the
+    time Linkerd gives a client to show its protocol), which ends slowloris clients.
     """
 
     max_concurrent_streams: int = 100
@@ -50,6 +55,8 @@ class HttpLimits:
     h1_body_buffer: int = 256 * 1024  # HTTP/1.1 body bytes read ahead of the other side
     h1_connections: int = 32  # HTTP/1.1 upstream connections per downstream connection
     connect_timeout: float = 10.0
+    idle_timeout: float = 3600.0
+    header_timeout: float = 10.0
 
 
 @dataclass
