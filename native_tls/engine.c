@@ -91,6 +91,7 @@ typedef struct listener {
     char **allowed;
     size_t nallowed;
     int anonymous;
+    int nodelay; /* set on the listening socket: accepted sockets inherit it (Linux) */
     double timeout;
     struct listener *next; /* the engine's list */
 } listener_t;
@@ -1009,7 +1010,9 @@ begin_tls(worker_t *w, uint64_t id, int fd, mp_event *final, SSL_CTX *ctx, int s
         hs_link(c);
     }
     int one = 1;
-    (void)setsockopt(c->tcp_fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one); /* as uvloop */
+    if (l == NULL || !l->nodelay) { /* as uvloop */
+        (void)setsockopt(c->tcp_fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    }
     if (l == NULL && set_nonblocking(c->tcp_fd) < 0) { /* accept4 made ours non-blocking */
         fail_errno(c, NULL, errno);
         return;
@@ -2407,6 +2410,8 @@ mp_engine_listen(mp_engine *e, const mp_listener_config *cfg, uint32_t *listener
     }
     SSL_CTX_up_ref(cfg->ctx);
     l->ctx = cfg->ctx;
+    int one = 1;
+    l->nodelay = setsockopt(cfg->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) == 0;
     cmd_t *cmds[MAX_THREADS] = {0};
     for (int i = 0; i < e->nworkers; i++) {
         if ((cmds[i] = calloc(1, sizeof *cmds[i])) == NULL) {
