@@ -206,6 +206,7 @@ class Connection:
         conn, self._kept = self._kept, None
         where = f"coordinator {self.address}"
         reuse = False
+        resp: http.client.HTTPResponse | None = None
         try:
             if conn is None:
                 conn = http.client.HTTPSConnection(
@@ -222,6 +223,7 @@ class Connection:
             conn.request(method, path, body=payload, headers=headers)
             resp = conn.getresponse()
             raw = resp.read()
+            status = resp.status
             reuse = self._keep and not resp.will_close
         except ssl.SSLCertVerificationError as exc:
             raise PKIError(
@@ -244,18 +246,23 @@ class Connection:
         finally:
             if reuse:
                 self._kept = conn
-            elif conn is not None:
-                conn.close()
+            else:
+                # A Connection: close answer owns the socket; a read cut short (the
+                # coordinator died mid-answer) must not leave it to the garbage collector.
+                if resp is not None:
+                    resp.close()
+                if conn is not None:
+                    conn.close()
         try:
             doc = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ConnectError(
-                f"{where} answered HTTP {resp.status} with a body that is not JSON"
+                f"{where} answered HTTP {status} with a body that is not JSON"
             ) from None
         doc = wire.unwrap(doc, where)
         if doc["status"] != "success":
             raise CoordinatorError(
-                f"{where} refused: {doc.get('message', 'no reason given')}", http_status=resp.status
+                f"{where} refused: {doc.get('message', 'no reason given')}", http_status=status
             )
         return doc.get("data")
 
