@@ -20,7 +20,9 @@ class LoopbackCapture:
         tcpdump = shutil.which("tcpdump") or "/usr/bin/tcpdump"
         err = open(self._err, "wb")
         self._proc = subprocess.Popen(
-            [tcpdump, "-i", "lo", "-s", "0", "-U", "-n", "-w", str(self.path), "tcp"],
+            # --immediate-mode: without it libpcap hands packets over in ring blocks, and
+            # the blocks not yet full when a short run ends are lost at SIGINT.
+            [tcpdump, "--immediate-mode", "-ilo", "-s0", "-U", "-n", "-w", str(self.path), "tcp"],
             stdout=subprocess.DEVNULL,
             stderr=err,
         )
