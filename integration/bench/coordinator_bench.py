@@ -54,7 +54,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from integration.harness import Cluster
+from integration.harness import Cluster, marble_workdir
 from meshproxy.attestation import EnclaveIdentity, SimulationPlatform, SimulationProvider
 from meshproxy.coordinator import _wire as wire
 from meshproxy.coordinator import client
@@ -362,21 +362,75 @@ def run(
                 concurrency=concurrency,
                 rate=rate,
             )
-        ready = []
+        ready: list[float] = []
+        phases: list[dict[str, float]] = []
         app = [sys.executable, "-c", "import time; time.sleep(30)"]
         for i in range(ready_samples):
             cfg = mesh.marble_config(f"r{i}", "ready", app=app)
-            start = time.perf_counter()
-            proc = mesh.start(f"r{i}", cfg, app)
+            wall0, start = time.time(), time.perf_counter()
+            proc = mesh.start(f"r{i}", cfg, app, wait=False)
+            wait_ready(marble_workdir(cfg) / "ready.json", proc.popen)
             ready.append(time.perf_counter() - start)
             proc.stop()
+            phases.append(log_phases(proc.log, wall0))
         if ready:
             results["start_to_ready_ms"] = {
                 "median": round(statistics.median(ready) * 1000, 1),
                 "max": round(max(ready) * 1000, 1),
                 "n": len(ready),
+                "phases_median_ms": {
+                    event: round(statistics.median(p[event] for p in phases if event in p), 1)
+                    for event in READY_EVENTS
+                    if any(event in p for p in phases)
+                },
             }
     return results
+
+
+# The marble's log events on the way to ready, in order (their times: ms after the spawn).
+READY_EVENTS = (
+    "runtime.start",  # interpreter, imports, config (the agent was forked just before)
+    "attestation.simulation",  # the agent: its imports (cryptography, attestation)
+    "attestation.measured",  # the signed description checked, the package re-hashed
+    "activation.start",  # key, the coordinator client imported
+    "activation.done",  # the two coordinator requests
+    "files.written",
+    "tls.engine",  # the proxy's side: the answer read, listeners
+    "app.start",
+    "runtime.ready",  # ready.json written
+)
+
+
+def wait_ready(path: Path, proc: Any, timeout: float = 60) -> None:
+    """Wait for the marble's ready.json, checking every millisecond (the harness's
+    backoff, up to 200 ms between checks, would add up to 200 ms to a start)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            json.loads(path.read_bytes())
+            return
+        except (FileNotFoundError, json.JSONDecodeError):
+            if proc.poll() is not None:
+                raise SystemExit(f"the marble exited with {proc.returncode} before ready") from None
+            time.sleep(0.001)
+    raise SystemExit(f"the marble was not ready in {timeout:.0f}s")
+
+
+def log_phases(log: Path, wall0: float) -> dict[str, float]:
+    """Milliseconds from the spawn to each of READY_EVENTS, from the marble's JSON log."""
+    from datetime import datetime
+
+    out: dict[str, float] = {}
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            doc = json.loads(line)
+            event, ts = doc.get("event"), doc["ts"]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            continue
+        if event in READY_EVENTS and event not in out:
+            when = datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+            out[event] = (when - wall0) * 1000
+    return out
 
 
 def report(results: dict[str, Any]) -> str:
@@ -402,6 +456,9 @@ def report(results: dict[str, Any]) -> str:
         lines.append(
             f"marble start-to-ready: median {r['median']} ms, max {r['max']} ms (n={r['n']})"
         )
+        steps = ", ".join(f"{k} {v}" for k, v in r.get("phases_median_ms", {}).items())
+        if steps:
+            lines.append(f"  ms after spawn (medians, log times to 1 ms): {steps}")
     concurrency = results["concurrency"]
     lines.append(
         f"({concurrency} marbles at once; coordinator on CPU {COORDINATOR_CPU}, load on CPU "
