@@ -59,7 +59,19 @@ def app_argv(raw: list[str]) -> list[str]:
     return raw[1:] if raw[:1] == ["--"] else raw
 
 
+# Modules both the proxy and the attestation agent load: imported once, before the fork,
+# instead of once in each process after it (the two share one CPU on a small node). Only
+# these: the agent's own (cryptography, attestation, the coordinator client) stay out of
+# the long-lived proxy, and the proxy's own (asyncio, uvloop, the data plane) come after
+# the fork, while the agent attests.
+_SHARED = ("ctypes", "ssl", "meshproxy.config", "meshproxy._log")
+
+
 def _run(args: argparse.Namespace) -> int:
+    import importlib
+
+    for name in _SHARED:
+        importlib.import_module(name)
     # The attestation agent starts first: it attests while this process loads the data
     # plane's modules (meshproxy.runtime._agent).
     from meshproxy.runtime._agent import begin_activation

@@ -32,11 +32,15 @@ from typing import TYPE_CHECKING, Any
 from meshproxy import errors
 from meshproxy._redact import Secret
 from meshproxy.errors import ConnectError, MeshError
-from meshproxy.runtime._renew import Lease, Renewed
-from meshproxy.tls import TLSIdentity
 
 if TYPE_CHECKING:
     from meshproxy.manifest import RouteRule
+    from meshproxy.runtime._renew import Lease, Renewed
+    from meshproxy.tls import TLSIdentity
+
+# Loaded by the proxy's side on first use, not at import: ``meshproxy run`` imports this
+# module before forking the agent, and the agent needs neither asyncio (``_renew``) nor
+# the TLS backends; the sooner the fork, the sooner attesting starts.
 
 AGENT_TIMEOUT_SLACK = 30.0  # beyond the activation timeout, before the agent is killed
 
@@ -198,6 +202,8 @@ def begin_activation(config: Path) -> Pending:
 
 def activate(config: Path, timeout: float, *, pending: Pending | None = None) -> Activated:
     """Activate in the agent (blocking; with the config's retries)."""
+    from meshproxy.runtime._renew import Lease
+
     pending = pending or begin_activation(config)
     doc = pending.result(timeout + AGENT_TIMEOUT_SLACK)
     try:
@@ -222,6 +228,8 @@ def activate(config: Path, timeout: float, *, pending: Pending | None = None) ->
 def renew(config: Path, uuid: str, root_pem: bytes, timeout: float) -> tuple[Lease, Renewal]:
     """Renew in the agent (blocking): a fresh key, CSR and quote."""
     request = {"config": str(config), "uuid": uuid, "root_pem": root_pem.decode()}
+    from meshproxy.runtime._renew import Lease
+
     doc = _call("renew", request, timeout + AGENT_TIMEOUT_SLACK)
     try:
         return Lease(**doc["lease"]), Renewal(_identity(doc), _mesh(doc["mesh"]))
@@ -264,6 +272,8 @@ def _error(doc: Mapping[str, Any]) -> MeshError:
 
 
 def _identity(doc: Mapping[str, Any]) -> TLSIdentity:
+    from meshproxy.tls import TLSIdentity
+
     return TLSIdentity(
         chain_pem=str(doc["chain_pem"]).encode(),
         key_pem=Secret(str(doc["key_pem"]).encode()),
@@ -291,6 +301,8 @@ class AgentRenewal:
     timeout: float = 10.0
 
     def renew(self) -> Renewed:
+        from meshproxy.runtime._renew import Renewed
+
         lease, renewal = renew(self.config, self.uuid, self.root_pem, self.timeout)
         return Renewed(lease, renewal)
 
