@@ -23,9 +23,7 @@ a later renewal succeeds and the listeners open again.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -91,6 +89,8 @@ def next_step(
 
 
 def _jitter() -> float:
+    import random
+
     return random.uniform(1 - POLL_JITTER, 1 + POLL_JITTER)  # noqa: S311 (spreading load)
 
 
@@ -136,6 +136,10 @@ class Renewer:
         self.refusals = 0
 
     async def run(self) -> None:
+        # asyncio is loaded here, not at import: the attestation agent imports this module
+        # for ``lease_of`` and has no event loop (the proxy has loaded asyncio long before).
+        import asyncio
+
         update_seen = False
         retry_at: float | None = None
         backoff = RETRY_FIRST
