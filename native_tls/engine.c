@@ -328,13 +328,23 @@ buf_len(const buf_t *b)
     return b->data ? b->end - b->start : 0;
 }
 
+/* Pending bytes move to the front when the end is reached, but only while they are few:
+ * moving most of a full buffer to gain a record's worth of room cost a copy of up to
+ * 7/8 of the buffer per 16 KiB drained (bulk behind a slow peer); a full buffer waits
+ * for its reader instead (the same back-pressure as a full buffer). */
+static inline int
+buf_compactable(const worker_t *w, const buf_t *b)
+{
+    return b->start > 0 && b->end - b->start <= w->bufsize / 4;
+}
+
 /* Room at the end, moving pending bytes to the front when the end is reached. */
 static size_t
 buf_room(worker_t *w, buf_t *b)
 {
     if (b->start == b->end) {
         b->start = b->end = 0;
-    } else if (b->end == w->bufsize && b->start > 0) {
+    } else if (b->end == w->bufsize && buf_compactable(w, b)) {
         memmove(b->data, b->data + b->start, b->end - b->start);
         b->end -= b->start;
         b->start = 0;
@@ -342,10 +352,12 @@ buf_room(worker_t *w, buf_t *b)
     return w->bufsize - b->end;
 }
 
+/* Whether buf_room would find room: what epoll interest follows. */
 static inline int
 buf_has_room(const worker_t *w, const buf_t *b)
 {
-    return b->data == NULL || b->end < w->bufsize || b->start > 0;
+    return b->data == NULL || b->end < w->bufsize || b->start == b->end ||
+           buf_compactable(w, b);
 }
 
 /* -- the TCP BIO --------------------------------------------------------------------------- */

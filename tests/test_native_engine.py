@@ -381,6 +381,39 @@ def test_a_slow_reader_applies_back_pressure_with_bounded_memory(
     assert state["received"] == payload
 
 
+def test_a_peer_reading_in_small_slow_bites_gets_every_byte_in_order(
+    ids: dict[str, TLSIdentity], workdir: Path
+) -> None:
+    """App -> TLS behind a slow reader: the engine's buffers stay full and drain a record
+    at a time (the path where a full buffer waits for its reader instead of compacting)."""
+    total = 24 * MiB
+    payload = os.urandom(total)
+    state: dict[str, Any] = {}
+
+    async def fast_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await send_all(writer, payload)
+        await reader.read()  # to the client's end: it reads everything first
+        writer.close()
+
+    async def scenario(scene: Scene) -> None:
+        await scene.app(workdir / "app.sock", fast_app)
+        _, port = await scene.inbound(workdir, ids["backend"])
+        reader, writer = await tls_client(port, ids["frontend"])
+        received = bytearray()
+        bites = 0
+        while len(received) < total:  # bites of no record's size: partial records
+            received += await reader.readexactly(min(7_001, total - len(received)))
+            bites += 1
+            if bites % 256 == 0:
+                await asyncio.sleep(0.002)  # the engine's out buffer fills meanwhile
+        state["received"] = bytes(received)
+        writer.close()
+        await eventually(lambda: scene.engine.stats()["active"] == 0, "the relay to end")
+
+    run(scenario)
+    assert hashlib.sha256(state["received"]).digest() == hashlib.sha256(payload).digest()
+
+
 def test_a_thousand_concurrent_connections_complete(
     ids: dict[str, TLSIdentity], workdir: Path
 ) -> None:
