@@ -36,10 +36,9 @@ from meshproxy.proxy._native import (
     NativeInboundListener,
     _check_peer,
     _close_app,
-    _connect_unix,
     _count,
 )
-from meshproxy.proxy._relay import UnixStream
+from meshproxy.proxy._relay import UnixStream, connect_unix
 from meshproxy.proxy.http import InboundHttp, identity_headers, serve_inbound_http
 from meshproxy.tls import NativeEngine, NativeSession
 
@@ -226,7 +225,7 @@ class NativeHttpInboundListener(NativeInboundListener):
         spec = self.spec
         peer_id = peer.spiffe_id if peer is not None else ""
         try:
-            app = await _connect_unix(spec.app_socket)
+            app = await connect_unix(spec.app_socket)
         except OSError as exc:
             # As the Python path does: each request gets 503 / UNAVAILABLE, and the app is
             # tried again per request (it may be restarting).

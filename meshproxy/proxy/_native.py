@@ -38,7 +38,7 @@ from meshproxy.proxy import _proxyproto
 from meshproxy.proxy._inbound import InboundSpec
 from meshproxy.proxy._metrics import Connection, ProxyMetrics
 from meshproxy.proxy._outbound import OutboundSpec
-from meshproxy.proxy._relay import ConnectionSet, bind_unix_socket
+from meshproxy.proxy._relay import ConnectionSet, bind_unix_socket, connect_unix
 from meshproxy.tls import NativeEngine, NativeSession
 
 if TYPE_CHECKING:
@@ -51,7 +51,6 @@ BACKLOG = 1024
 ACCEPT_BATCH = 64  # accepts per readiness callback, so a flood cannot starve the loop
 _RETRY_ACCEPT = 1.0  # out of fds or memory: pause accepting (asyncio does the same)
 _FD_LIMITS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-APP_CONNECT_TIMEOUT = 5.0  # the app's accept backlog full for this long: refuse
 
 
 class _Acceptor:
@@ -110,30 +109,6 @@ def _check_peer(der: bytes, trust_domain: str, allowed: tuple[str, ...], role: s
     arguments. Parsing it each time was a third of Python's work per connection.
     Refusals raise, so they are never cached."""
     return check_peer(der, trust_domain=trust_domain, allowed_types=allowed, role=role)
-
-
-async def _connect_unix(path: Path) -> socket.socket:
-    """A connected non-blocking Unix socket. Not ``loop.sock_connect``: on AF_UNIX a full
-    accept backlog fails connect() with EAGAIN (never EINPROGRESS), and both asyncio and
-    uvloop then report success on a socket that is not connected. Retry as a blocking
-    connect() would wait, for at most APP_CONNECT_TIMEOUT."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        delay, waited = 0.001, 0.0
-        while True:
-            try:
-                sock.connect(str(path))
-                return sock
-            except BlockingIOError:
-                if waited >= APP_CONNECT_TIMEOUT:
-                    raise OSError(errno.EAGAIN, "the app's accept backlog stays full") from None
-            await asyncio.sleep(delay)
-            waited += delay
-            delay = min(delay * 2, 0.05)
-    except BaseException:
-        sock.close()
-        raise
 
 
 def _count(
@@ -333,7 +308,7 @@ class NativeInboundListener:
         counted = _count(self._metrics, "inbound", spec.name, peer)
         loop = asyncio.get_running_loop()
         try:
-            app = await _connect_unix(spec.app_socket)
+            app = await connect_unix(spec.app_socket)
         except OSError as exc:
             log_in.warning(
                 "app is not listening",
