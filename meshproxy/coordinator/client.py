@@ -341,6 +341,30 @@ def fetch_evidence(
 
 
 # -- activation -----------------------------------------------------------------------------
+def _post_attested(
+    conn: Connection,
+    path: str,
+    *,
+    marble_type: str,
+    instance: uuidlib.UUID,
+    key: ec.EllipticCurvePrivateKey,
+    dns_names: Sequence[str],
+    provider: QuoteProvider,
+) -> Any:
+    """Get a nonce, attest, and POST to the mesh API's ``path`` (activate or renew):
+    nonce and request share one TLS connection (one handshake)."""
+    with conn.kept_open():
+        body = _attested_body(
+            conn,
+            marble_type=marble_type,
+            instance=instance,
+            key=key,
+            dns_names=dns_names,
+            provider=provider,
+        )
+        return conn.request("POST", wire.MESH_PATHS[path], body)
+
+
 def _attested_body(
     conn: Connection,
     *,
@@ -394,17 +418,15 @@ def activate(
             except PolicyError as exc:
                 raise PolicyError(f"coordinator {address} refused by policy: {exc}") from None
         root = evidence.root
-    conn = Connection(address, root, timeout)
-    with conn.kept_open():  # nonce and activation: one TLS handshake
-        body = _attested_body(
-            conn,
-            marble_type=marble_type,
-            instance=instance,
-            key=key,
-            dns_names=dns_names,
-            provider=provider,
-        )
-        data = conn.request("POST", wire.MESH_PATHS["activate"], body)
+    data = _post_attested(
+        Connection(address, root, timeout),
+        "activate",
+        marble_type=marble_type,
+        instance=instance,
+        key=key,
+        dns_names=dns_names,
+        provider=provider,
+    )
     try:
         leaf = certs_from_pem(data["certificate"].encode())[0]
         intermediate = certs_from_pem(data["intermediate"].encode())[0]
@@ -468,16 +490,15 @@ def renew(
     reason when the marble no longer satisfies the manifest (e.g. its SecurityVersion was
     raised by a package update); the caller should then stop serving on the old leaf.
     """
-    conn = Connection(address, root, timeout)
-    body = _attested_body(
-        conn,
+    data = _post_attested(
+        Connection(address, root, timeout),
+        "renew",
         marble_type=marble_type,
         instance=instance,
         key=key,
         dns_names=dns_names,
         provider=provider,
     )
-    data = conn.request("POST", wire.MESH_PATHS["renew"], body)
     try:
         leaf = certs_from_pem(data["certificate"].encode())[0]
         intermediate = certs_from_pem(data["intermediate"].encode())[0]
