@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 
 from integration.harness import Cluster
@@ -93,6 +94,10 @@ GROUP_KILLS = 6
 GROUP_MAX = 400
 
 
+# The kill lands while eight clients are mid-handshake: CPython's ssl.wrap_socket can raise
+# from getpeername() on a reset socket before the caller holds it, and that socket is then
+# closed only by the garbage collector. Not ours to close; every outcome is still asserted.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_sigkill_during_group_commits_never_loses_or_double_counts_an_activation(
     tmp_path: Path,
 ) -> None:
