@@ -68,7 +68,7 @@ from meshproxy.pki import (
     csr_dns_names,
     generate_key,
     issue_leaf,
-    load_csr,
+    load_csr_key,
     public_der,
 )
 
@@ -103,6 +103,7 @@ class _Attested:
     evidence: x509.ExtensionType  # the leaf's RA-TLS extension
     expires: datetime  # of its nonce
     spki: bytes  # the CSR's public key, DER
+    key: ec.EllipticCurvePublicKey  # the CSR's public key, decoded once
 
 
 @dataclass(frozen=True)
@@ -401,14 +402,14 @@ class CoordinatorCore:
         except ValueError:
             raise PolicyError(f"marble UUID {req.uuid!r} is not a UUID") from None
         try:
-            csr = load_csr(req.csr_pem)
+            csr, key = load_csr_key(req.csr_pem)
         except PKIError as exc:
             raise PolicyError(f"bad CSR: {exc}") from None
         try:
             verified = verify_quote(req.quote, self._anchors, now=now, cache=self._evidence)
         except AttestationError as exc:
             raise PolicyError(f"quote verification failed ({exc.check}): {exc}") from None
-        spki = public_der(_ec_public(csr.public_key()))
+        spki = public_der(key)
         claims = ratls_claims_for_spki(spki, nonce=req.nonce)
         if verified.report_data[:32] != hashlib.sha256(claims).digest():
             raise PolicyError(
@@ -419,7 +420,7 @@ class CoordinatorCore:
         if claim and not self._used_nonces.claim([nonce_id(req.nonce)], expires, now):
             raise PolicyError("activation nonce is unknown, used or expired; request a new one")
         evidence = ratls_extension(req.quote, claims)
-        return _Attested(instance, csr, verified, evidence, expires, spki)
+        return _Attested(instance, csr, verified, evidence, expires, spki, key)
 
     def _check_marble(
         self, s: PersistentState, manifest: Manifest, marble_type: str, verified: VerifiedQuote
@@ -443,6 +444,7 @@ class CoordinatorCore:
         instance: uuidlib.UUID,
         now: datetime,
         evidence: x509.ExtensionType,
+        key: ec.EllipticCurvePublicKey,
     ) -> x509.Certificate:
         return issue_leaf(
             s.intermediate,
@@ -455,6 +457,7 @@ class CoordinatorCore:
             now=now,
             simulated=self.simulation,
             evidence=evidence,
+            public_key=key,
         )
 
     def activate(self, req: ActivationRequest, *, now: datetime) -> ActivationResult:
@@ -536,7 +539,7 @@ class CoordinatorCore:
             raise PolicyError(
                 f"marble type {req.marble_type!r} reached MaxActivations ({marble.max_activations})"
             )
-        leaf = self._leaf(s, manifest, a.csr, req.marble_type, a.instance, now, a.evidence)
+        leaf = self._leaf(s, manifest, a.csr, req.marble_type, a.instance, now, a.evidence, a.key)
         params = self._parameters(s, manifest, marble, str(a.instance), leaf, a.spki, now)
         sealing_key = marble_sealing_key(s.root_secret, req.marble_type, a.instance)
         result = ActivationResult(
@@ -577,7 +580,7 @@ class CoordinatorCore:
                 f"marble {instance} of type {req.marble_type!r} was never activated by this "
                 "cluster: activate it (renewal is only for running marbles)"
             )
-        leaf = self._leaf(s, manifest, csr, req.marble_type, instance, now, evidence)
+        leaf = self._leaf(s, manifest, csr, req.marble_type, instance, now, evidence, a.key)
         return RenewalResult(leaf.public_bytes(Encoding.PEM), verified.simulated)
 
     def _parameters(
@@ -672,11 +675,17 @@ def _policy(p: Package) -> PackagePolicy:
     )
 
 
+_CERT_VALUES: dict[x509.Certificate, SecretValue] = {}
+
+
 def _cert_value(a: Authority) -> SecretValue:
-    return SecretValue(type="cert", cert=a.cert, public=public_der(a.key), private=None)
-
-
-def _ec_public(key: object) -> ec.EllipticCurvePublicKey:
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise PolicyError("CSR key must be an ECDSA key")
-    return key
+    """The template value of a CA certificate, made once per certificate (its public key
+    is the certificate's, so the certificate alone identifies it)."""
+    value = _CERT_VALUES.get(a.cert)
+    if value is None:
+        if len(_CERT_VALUES) >= 16:
+            _CERT_VALUES.clear()
+        value = _CERT_VALUES[a.cert] = SecretValue(
+            type="cert", cert=a.cert, public=public_der(a.key), private=None
+        )
+    return value

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
         csr_dns_names,
         issue_leaf,
         load_csr,
+        load_csr_key,
         make_csr,
         verify_issued_by,
     )
@@ -63,6 +64,7 @@ __all__ = [
     "key_from_pem",
     "key_to_pem",
     "load_csr",
+    "load_csr_key",
     "make_csr",
     "public_der",
     "spiffe_id",
@@ -76,6 +78,7 @@ _HOME = {
     "csr_dns_names": "_ca",
     "issue_leaf": "_ca",
     "load_csr": "_ca",
+    "load_csr_key": "_ca",
     "make_csr": "_ca",
     "verify_issued_by": "_ca",
     "SIMULATION_MARK": "_identity",

@@ -12,6 +12,7 @@ In simulation every certificate's subject says so.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import uuid as uuidlib
 from collections.abc import Sequence
@@ -139,15 +140,24 @@ def make_csr(
 
 
 def load_csr(pem: bytes) -> x509.CertificateSigningRequest:
+    return load_csr_key(pem)[0]
+
+
+def load_csr_key(
+    pem: bytes,
+) -> tuple[x509.CertificateSigningRequest, ec.EllipticCurvePublicKey]:
+    """A CSR whose signature verifies, and its ECDSA public key (decoded and checked once:
+    ``public_key()`` validates the point each time it is called)."""
     try:
         csr = x509.load_pem_x509_csr(pem)
     except ValueError:
         raise PKIError("CSR is not valid PEM") from None
     if not csr.is_signature_valid:
         raise PKIError("CSR signature does not verify: the sender does not hold the key")
-    if not isinstance(csr.public_key(), ec.EllipticCurvePublicKey):
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
         raise PKIError("CSR key must be an ECDSA key")
-    return csr
+    return csr, key
 
 
 def csr_dns_names(csr: x509.CertificateSigningRequest) -> list[str]:
@@ -172,55 +182,86 @@ def issue_leaf(
     now: datetime,
     simulated: bool,
     evidence: x509.ExtensionType | None = None,
+    public_key: ec.EllipticCurvePublicKey | None = None,
 ) -> x509.Certificate:
     """A marble leaf for the CSR's key: SPIFFE ID + UUID URIs, DNS names, server+client auth.
 
     ``evidence`` (the marble's RA-TLS extension, 2.23.133.5.4.9) is added non-critical:
-    OpenSSL and mbedTLS refuse certificates with unknown critical extensions."""
+    OpenSSL and mbedTLS refuse certificates with unknown critical extensions.
+    ``public_key``: the CSR's own key as ``load_csr_key`` returned it with the CSR (saves
+    decoding and validating the point again); without it the CSR's key is decoded here."""
     check_marble_type(marble_type)
+    if public_key is None:
+        public_key = _ec_key(csr.public_key())
     sans: list[x509.GeneralName] = [
         x509.UniformResourceIdentifier(spiffe_id(trust_domain, marble_type)),
         x509.UniformResourceIdentifier(f"urn:uuid:{instance}"),
         *_sans(list(dict.fromkeys(dns_names))),
     ]
-    not_after = min(now + lifetime, issuer.cert.not_valid_after_utc)
+    issuer_name, issuer_end, key_id = _issuer_parts(issuer)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(marble_type, simulated))
-        .issuer_name(issuer.cert.subject)
-        .public_key(csr.public_key())
+        .subject_name(_leaf_name(marble_type, simulated))
+        .issuer_name(issuer_name)
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _BACKDATE)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
+        .not_valid_after(min(now + lifetime, issuer_end))
+        .add_extension(_LEAF_CONSTRAINTS, critical=True)
+        .add_extension(_LEAF_KEY_USAGE, critical=True)
+        .add_extension(_LEAF_EXTENDED_KEY_USAGE, critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), False
-        )
+        .add_extension(key_id, False)
     )
     if evidence is not None:
         builder = builder.add_extension(evidence, critical=False)
     return builder.sign(issuer.key, hashes.SHA256())
+
+
+# What every leaf carries, made once (the builder copies nothing it is given).
+_LEAF_CONSTRAINTS = x509.BasicConstraints(ca=False, path_length=None)
+_LEAF_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=True,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+_LEAF_EXTENDED_KEY_USAGE = x509.ExtendedKeyUsage(
+    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+)
+_ISSUERS: dict[x509.Certificate, tuple[x509.Name, datetime, x509.AuthorityKeyIdentifier]] = {}
+
+
+def _issuer_parts(issuer: Authority) -> tuple[x509.Name, datetime, x509.AuthorityKeyIdentifier]:
+    """The issuer's name, end of validity and key identifier, decoded once per issuer
+    certificate (an intermediate signs every leaf of a manifest's lifetime)."""
+    parts = _ISSUERS.get(issuer.cert)
+    if parts is None:
+        if len(_ISSUERS) >= 16:
+            _ISSUERS.clear()
+        key_id = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key())
+        parts = _ISSUERS[issuer.cert] = (
+            issuer.cert.subject,
+            issuer.cert.not_valid_after_utc,
+            key_id,
+        )
+    return parts
+
+
+@functools.lru_cache(maxsize=256)
+def _leaf_name(marble_type: str, simulated: bool) -> x509.Name:
+    return _name(marble_type, simulated)
+
+
+def _ec_key(key: object) -> ec.EllipticCurvePublicKey:
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise PKIError("CSR key must be an ECDSA key")
+    return key
 
 
 def verify_issued_by(cert: x509.Certificate, issuer: x509.Certificate, *, now: datetime) -> None:
