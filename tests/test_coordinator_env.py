@@ -34,7 +34,7 @@ from meshproxy.coordinator import ActivationRequest, CoordinatorCore
 from meshproxy.coordinator._admin import Admin
 from meshproxy.coordinator._boot import StateSync, load_or_create
 from meshproxy.coordinator._core import report_data_for
-from meshproxy.coordinator._store import StoreConflict
+from meshproxy.coordinator._store import FileStore, StoreConflict
 from meshproxy.coordinator._vault import Vault
 from meshproxy.pki import generate_key, make_csr, public_der
 
@@ -155,7 +155,9 @@ class PlatformSealer:
 class World:
     """One coordinator core on one simulated machine, over ``store``."""
 
-    def __init__(self, tmp: Path, store: MemoryStore | None = None, machine: str = "m1") -> None:
+    def __init__(
+        self, tmp: Path, store: MemoryStore | FileStore | None = None, machine: str = "m1"
+    ) -> None:
         self.tmp = tmp
         self.platform = SimulationPlatform.load_or_create(tmp / machine, now=NOW)
         self.store = store or MemoryStore()
@@ -177,7 +179,7 @@ class World:
             + [simulation_anchor(p) for p in self.extra_anchors],
             simulation=True,
             refresh=self.sync.refresh,
-            locked=self.vault if loaded.locked else None,
+            locked=self.sync if loaded.locked else None,
         )
         return self.core
 

@@ -8,7 +8,10 @@ replicas registered in etcd (``_replica``); without one, or when no peer gives i
 coordinator enters recovery mode with a temporary root, the sealed state left untouched.
 
 ``StateSync`` is the one path between the core and the store: ``commit`` seals and writes
-against the revision last read, ``refresh`` re-reads when the store is shared.
+against the revision last read, ``refresh`` re-reads when the store is shared. With the
+file store, a commit that only counts activations appends a sealed record to the journal
+instead of rewriting the whole state (``_journal``); ``load`` (and recovery, through
+``open_with_data_key``) applies the journal to the snapshot.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from meshproxy._redact import Secret
+from meshproxy.coordinator import _journal
 from meshproxy.coordinator._persist import PersistentState
+from meshproxy.coordinator._recovery import RecoveryInfo
 from meshproxy.coordinator._seal import UnsealError
 from meshproxy.coordinator._state import Event, State, advance
-from meshproxy.coordinator._store import StoreConflict, VersionedStore
+from meshproxy.coordinator._store import FileStore, StoreConflict, VersionedStore
 from meshproxy.coordinator._vault import Vault
 from meshproxy.errors import StoreError
 
@@ -29,12 +35,26 @@ log = logging.getLogger("meshproxy.coordinator")
 KeySource = Callable[[], bool]  # tries to get the state key from a peer into the vault
 
 
+@dataclass(frozen=True)
+class _Tail:
+    """Where the next journal record goes: after snapshot ``base``, number ``sequence``,
+    extending ``state`` (the state last committed)."""
+
+    base: bytes
+    sequence: int
+    state: PersistentState
+
+
 class StateSync:
     def __init__(self, store: VersionedStore, vault: Vault) -> None:
         self.store = store
         self.vault = vault
         self.revision = 0
         self.key_source: KeySource | None = None
+        # The file store takes journal records between snapshots; etcd (replicas) does not.
+        self._journal_store = store if isinstance(store, FileStore) else None
+        self._tail: _Tail | None = None  # None: the next commit writes a snapshot
+        self._locked_blob: bytes | None = None  # the snapshot recovery mode waits to open
 
     def __repr__(self) -> str:
         return f"<StateSync {self.store.where} revision={self.revision}>"
@@ -44,21 +64,62 @@ class StateSync:
         blob, self.revision = self.store.load_versioned()
         if blob is None:
             return None
-        return self._open(blob)
+        return self._replay(blob, self._open(blob))
 
     def _open(self, blob: bytes) -> PersistentState:
         try:
             return self.vault.open(blob)
         except UnsealError:
             if self.key_source is None or not self.key_source():
+                self._locked_blob = blob
                 raise
             return self.vault.open(blob)
+
+    def _replay(self, blob: bytes, state: PersistentState) -> PersistentState:
+        if self._journal_store is None:
+            return state
+        journal = self._journal_store.load_journal()
+        if not journal:
+            return state
+        replayed = _journal.replay(state, blob, journal, self.store.where)
+        log.info(
+            "state journal applied",
+            extra={"records": replayed.records, "dropped_torn_record": replayed.dropped_tail},
+        )
+        return replayed.state
+
+    # -- recovery mode (``core.LockedState``): the vault opens, the journal is applied ---------
+    def locked_recovery(self) -> RecoveryInfo | None:
+        return self.vault.locked_recovery()
+
+    def open_with_data_key(self, dek: Secret) -> PersistentState:
+        state = self.vault.open_with_data_key(dek)
+        if self._locked_blob is None:
+            return state
+        return self._replay(self._locked_blob, state)
 
     def commit(self, state: PersistentState) -> None:
         if state.state is State.RECOVERY:
             raise StoreError("refusing to write a recovery-mode placeholder over sealed state")
+        tail, self._tail = self._tail, None  # a failed write is followed by a snapshot
+        if (
+            self._journal_store is not None
+            and tail is not None
+            and tail.sequence < _journal.SNAPSHOT_EVERY
+        ):
+            record = _journal.delta(tail.state, state)
+            if record is not None:
+                if record["activations"] == tail.state.activations and not record["instances"]:
+                    self._tail = _Tail(tail.base, tail.sequence, state)  # nothing to write
+                    return
+                frame = _journal.frame(state.dek, tail.base, tail.sequence, record)
+                self._journal_store.append_journal(frame)
+                self._tail = _Tail(tail.base, tail.sequence + 1, state)
+                return
         blob = self.vault.seal(state)
         self.revision = self.store.save_versioned(blob, self.revision)
+        if self._journal_store is not None:
+            self._tail = _Tail(_journal.base_of(blob), 0, state)
 
     def refresh(self) -> PersistentState | None:
         if not self.store.shared:

@@ -4,6 +4,9 @@ The file store keeps one file, ``state.sealed``, in the state directory, replace
 atomically: write a temporary file in the same directory, fsync it, rename it over the
 old one, fsync the directory. A crash at any point leaves either the old or the new
 file, never a torn one. A lock file keeps a second coordinator off the same directory.
+Beside it, ``state.journal`` takes sealed records appended (and fsynced) between two
+snapshots (``_journal``); saving a snapshot removes it, and a crash before the removal
+leaves records that name the old snapshot, which the reader skips.
 """
 
 from __future__ import annotations
@@ -46,11 +49,13 @@ class VersionedStore(Protocol):
 
 class FileStore:
     NAME = "state.sealed"
+    JOURNAL = "state.journal"
     shared = False  # the lock makes this process the only writer
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._revision = 0
+        self._journal_fd: int | None = None
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._lock_fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -107,16 +112,60 @@ class FileStore:
             finally:
                 os.close(fd)
             os.replace(tmp, self.path)
-            dir_fd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            self._fsync_directory()
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise StoreError(f"cannot write {self.path}: {exc.strerror}") from None
+        # The snapshot holds every record: the journal's frames are stale from now on
+        # (and skipped if the removal does not happen).
+        self._close_journal()
+        with contextlib.suppress(OSError):
+            (self.directory / self.JOURNAL).unlink()
+
+    def load_journal(self) -> bytes:
+        try:
+            return (self.directory / self.JOURNAL).read_bytes()
+        except FileNotFoundError:
+            return b""
+        except OSError as exc:
+            raise StoreError(
+                f"cannot read {self.directory / self.JOURNAL}: {exc.strerror}"
+            ) from None
+
+    def append_journal(self, frame: bytes) -> None:
+        """Append one frame and fsync it: once this returns, the record is durable."""
+        path = self.directory / self.JOURNAL
+        try:
+            if self._journal_fd is None:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+                self._journal_fd = os.open(path, flags, 0o600)
+                self._fsync_directory()  # the new file's name is durable too
+            view = memoryview(frame)
+            while view:
+                view = view[os.write(self._journal_fd, view) :]
+            os.fsync(self._journal_fd)
+        except OSError as exc:
+            self._close_journal()
+            raise StoreError(f"cannot append to {path}: {exc.strerror}") from None
+
+    def _fsync_directory(self) -> None:
+        dir_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _close_journal(self) -> None:
+        fd, self._journal_fd = self._journal_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._lock_fd)
+        """Idempotent: a second close must not close a descriptor reused meanwhile."""
+        self._close_journal()
+        fd, self._lock_fd = self._lock_fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
