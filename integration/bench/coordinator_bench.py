@@ -2,8 +2,8 @@
 activation latency under load, marble start-to-ready.
 
     .venv/bin/python -m integration.bench.coordinator_bench [--activations 1500]
-        [--concurrency 16] [--rate 250] [--ready-samples 5] [--only plain|counted|secrets ...]
-        [--json results-coordinator.json]
+        [--concurrency 16] [--rate 250 --rate 400 --rate 450] [--ready-samples 5]
+        [--only plain|counted|secrets ...] [--json results-coordinator.json]
 
 A simulated coordinator runs pinned to CPU 1 (every thread of it) and gets a manifest with
 three marble types: ``plain`` (no secrets, unlimited), ``counted`` (MaxActivations, so
@@ -19,15 +19,21 @@ client does not re-verify the chain it gets (that is the marble's cost, not the
 coordinator's).
 
 Figures per scenario: activations per wall second; per coordinator CPU-second (utime +
-stime of the coordinator process from /proc, all threads); the coordinator's CPU use
+stime of the coordinator process from /proc, all threads), split into its event loop
+(TLS, HTTP, JSON: "loop ms") and its other threads (the core's worker: attestation,
+issuance, sealing and writing the state: "core ms"), each in CPU ms per activation; the
+coordinator's CPU use
 (1.0 = one core busy) and what other processes took of that CPU meanwhile ("others":
 if high, wall figures mean little, per-CPU-second ones still hold); the load generator's
 CPU milliseconds per activation (if that times the rate nears 1.0, the load generator is
 the bottleneck, and the table says so);
 p50/p99 latency from connect to the parsed answer. The scenarios run closed-loop (each
-marble starts its next activation when one is answered: saturation); then ``--rate``
-starts plain activations at a fixed rate whatever the answers do (latency under a steady
-load below saturation). Start-to-ready is the wall time from
+marble starts its next activation when one is answered: saturation). A closed loop's
+latency is bound by its throughput (Little's law: mean latency = concurrency / rate, so
+16 marbles at 500/s wait 32 ms on average whatever the coordinator does), so each
+``--rate`` then starts plain activations at that fixed rate whatever the answers do, for
+4 s: latency under a steady load below saturation (defaults 250, 400 and 450/s: half the
+500/s target and near it). Start-to-ready is the wall time from
 spawning ``meshproxy run`` (measure, attest, activate, write files, start listeners and
 the app) to its ``ready.json`` (checked every millisecond; meshproxy's bytecode written
 first, as a wheel install has it), with the marble on the load's
@@ -70,6 +76,7 @@ SCENARIOS = {
     "secrets": "activation, 2 cert secrets",
 }
 COORDINATOR_CPU, LOAD_CPU = 1, 0
+DEFAULT_RATES = [250.0, 400.0, 450.0]  # open-loop offered rates (per second)
 
 
 def _two_cpus() -> bool:
@@ -90,6 +97,15 @@ def pin_process(pid: int, cpu: int) -> None:
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, all its threads, from /proc/PID/stat."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def loop_cpu_seconds(pid: int) -> float:
+    """utime + stime of the process's main thread (the coordinator's event loop)."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -246,10 +262,12 @@ def measure(
     host, port = client.parse_address(mesh_addr)
     load = Load(host, port, client_context(root), provider, prepare(marble_type, activations))
     busy0 = cpu_busy_seconds(COORDINATOR_CPU)
+    loop0 = loop_cpu_seconds(pid)
     cpu0, own0, wall0 = cpu_seconds(pid), time.process_time(), time.perf_counter()
     run_load(load, concurrency, rate)
     wall = time.perf_counter() - wall0
     cpu, own = cpu_seconds(pid) - cpu0, time.process_time() - own0
+    loop = loop_cpu_seconds(pid) - loop0
     others = max(cpu_busy_seconds(COORDINATOR_CPU) - busy0 - cpu, 0.0)
     n = len(load.latencies)
     if not n:
@@ -261,6 +279,9 @@ def measure(
         "activations_per_s": round(n / wall, 1),
         "activations_per_cpu_s": round(n / cpu, 1) if cpu > 0 else None,
         "coordinator_cpu_use": round(cpu / wall, 2),
+        # CPU ms per activation on the event loop (TLS, HTTP) and on the other threads
+        "coordinator_loop_ms": round(loop / n * 1000, 3),
+        "coordinator_other_threads_ms": round((cpu - loop) / n * 1000, 3),
         "others_on_coordinator_cpu": round(others / wall, 2),
         "loadgen_ms_per_activation": round(own / n * 1000, 2),
         "loadgen_cpu_use": round(own / wall, 2),
@@ -275,7 +296,7 @@ def run(
     concurrency: int,
     ready_samples: int,
     only: list[str],
-    rate: float,
+    rates: list[float],
     store: str = "file",
 ) -> dict[str, Any]:
     from integration.conftest import Mesh, Signer
@@ -284,7 +305,7 @@ def run(
     results: dict[str, Any] = {
         "activations": activations,
         "concurrency": concurrency,
-        "rate": rate,
+        "rates": rates,
         "pinned": _two_cpus(),
     }
     with contextlib.ExitStack() as stack:
@@ -354,8 +375,8 @@ def run(
                 activations=activations,
                 concurrency=concurrency,
             )
-        if rate:  # latency under a steady load below saturation
-            results["steady"] = measure(
+        for rate in rates:  # latency under a steady load below saturation
+            results[f"steady_{rate:g}"] = measure(
                 pid=pid,
                 mesh_addr=c.mesh_addr,
                 root=root,
@@ -476,22 +497,29 @@ def log_phases(log: Path, wall0: float) -> dict[str, float]:
 
 def report(results: dict[str, Any]) -> str:
     lines = [
-        f"{'scenario':<36}{'act/s':>8}{'act/cpu-s':>10}{'coord cpu':>10}{'others':>7}"
-        f"{'gen ms':>8}{'p50 ms':>8}{'p99 ms':>8}{'errors':>7}"
+        f"{'scenario':<36}{'act/s':>8}{'act/cpu-s':>10}{'loop ms':>8}{'core ms':>8}"
+        f"{'coord cpu':>10}{'others':>7}{'gen ms':>8}{'p50 ms':>8}{'p99 ms':>8}{'errors':>7}"
     ]
-    steady = f"plain, steady {results['rate']:g}/s offered"
-    for name, text in [*SCENARIOS.items(), ("steady", steady)]:
+    steady = [(f"steady_{r:g}", f"plain, steady {r:g}/s offered") for r in results["rates"]]
+    for name, text in [*SCENARIOS.items(), *steady]:
         r = results.get(name)
         if r is None:
             continue
         lines.append(
             f"{text:<36}{r['activations_per_s']:>8}{r['activations_per_cpu_s']!s:>10}"
+            f"{r['coordinator_loop_ms']:>8}{r['coordinator_other_threads_ms']:>8}"
             f"{r['coordinator_cpu_use']:>10}{r['others_on_coordinator_cpu']:>7}"
             f"{r['loadgen_ms_per_activation']:>8}"
             f"{r['p50_ms']:>8}{r['p99_ms']:>8}{r['errors']:>7}"
         )
         if r["loadgen_cpu_use"] > 0.9:
             lines.append(f"  ({name}: the load generator used {r['loadgen_cpu_use']} of its CPU)")
+        if name in SCENARIOS:  # closed loop: the mean latency Little's law leaves it
+            bound = results["concurrency"] / r["activations_per_s"] * 1000
+            lines.append(
+                f"  (closed loop: mean latency = {results['concurrency']} / rate = "
+                f"{bound:.1f} ms at this rate)"
+            )
     for key, where in (("start_to_ready_ms", "1 CPU"), ("start_to_ready_2cpu_ms", "2 CPUs")):
         if key not in results:
             continue
@@ -523,9 +551,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--rate",
         type=float,
-        default=250.0,
+        action="append",
         help="then 4 s of plain activations started at this rate, for latency under a "
-        "steady load (250/s: half the 500/s target; 0: skip)",
+        "steady load; repeat for several (default 250, 400, 450: half the 500/s target "
+        "and near it; 0: none)",
     )
     p.add_argument(
         "--store",
@@ -538,9 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     if _two_cpus():
         os.sched_setaffinity(0, {LOAD_CPU})
     only = args.only or list(SCENARIOS)
-    results = run(
-        args.activations, args.concurrency, args.ready_samples, only, args.rate, args.store
-    )
+    rates = [r for r in (args.rate or DEFAULT_RATES) if r > 0]
+    results = run(args.activations, args.concurrency, args.ready_samples, only, rates, args.store)
     print(report(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
