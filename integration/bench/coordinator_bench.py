@@ -119,6 +119,16 @@ def cpu_busy_seconds(cpu: int) -> float:
     return 0.0
 
 
+# Where an activation's time goes, as the load generator sees it: TCP + TLS handshake, the
+# nonce request, making the quote (the generator's own CPU), the activation request.
+PHASES = ("connect_tls", "nonce", "quote", "activate")
+
+
+def _slowest(load: Load) -> list[tuple[float, ...]]:
+    cut = _percentile(load.latencies, 99)
+    return [p for lat, p in zip(load.latencies, load.phases, strict=True) if lat >= cut]
+
+
 def _percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
@@ -139,6 +149,8 @@ class Load:
     provider: SimulationProvider
     marbles: list[PreparedMarble]
     latencies: list[float] = field(default_factory=list)
+    # per activation: seconds in each of PHASES (where the time of a slow one went)
+    phases: list[tuple[float, ...]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
@@ -184,16 +196,21 @@ async def _activate_one(load: Load, marble: PreparedMarble) -> None:
         load.host, load.port, ssl=load.ctx, server_hostname="coordinator"
     )
     try:
+        connected = time.perf_counter()
         data = await _post(reader, writer, wire.MESH_PATHS["nonce"], {})
+        nonced = time.perf_counter()
         nonce = wire.b64d(data["nonce"], "nonce")
         quote = load.provider.get_quote(report_data_for(marble.public_der, nonce))
         body = {**marble.body, "quote": wire.b64e(quote), "nonce": wire.b64e(nonce)}
+        quoted = time.perf_counter()
         answer = await _post(reader, writer, wire.MESH_PATHS["activate"], body)
         if "certificate" not in answer:
             raise RuntimeError("activation answer without a certificate")
     finally:
         writer.close()
-    load.latencies.append(time.perf_counter() - start)
+    end = time.perf_counter()
+    load.latencies.append(end - start)
+    load.phases.append((connected - start, nonced - connected, quoted - nonced, end - quoted))
 
 
 async def _closed_loop(load: Load, concurrency: int) -> None:
@@ -287,6 +304,18 @@ def measure(
         "loadgen_cpu_use": round(own / wall, 2),
         "p50_ms": round(statistics.median(load.latencies) * 1000, 1),
         "p99_ms": round(_percentile(load.latencies, 99) * 1000, 1),
+        # p50/p99 of each phase (ms), and the phases of the activations at or above p99
+        "phases_p50_p99_ms": {
+            name: [
+                round(statistics.median(p[i] for p in load.phases) * 1000, 1),
+                round(_percentile([p[i] for p in load.phases], 99) * 1000, 1),
+            ]
+            for i, name in enumerate(PHASES)
+        },
+        "phases_of_slowest_1pct_ms": {
+            name: round(statistics.mean(p[i] for p in _slowest(load)) * 1000, 1)
+            for i, name in enumerate(PHASES)
+        },
     }
 
 
@@ -514,6 +543,13 @@ def report(results: dict[str, Any]) -> str:
         )
         if r["loadgen_cpu_use"] > 0.9:
             lines.append(f"  ({name}: the load generator used {r['loadgen_cpu_use']} of its CPU)")
+        slow = r["phases_of_slowest_1pct_ms"]
+        lines.append(
+            "  phases p50/p99 ms: "
+            + ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in r["phases_p50_p99_ms"].items())
+            + "; slowest 1% (mean): "
+            + ", ".join(f"{k} {v}" for k, v in slow.items())
+        )
         if name in SCENARIOS:  # closed loop: the mean latency Little's law leaves it
             bound = results["concurrency"] / r["activations_per_s"] * 1000
             lines.append(
