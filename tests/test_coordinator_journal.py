@@ -14,7 +14,7 @@ from test_coordinator_recovery import decrypt
 
 from meshproxy.coordinator import State, _journal
 from meshproxy.coordinator._store import FileStore
-from meshproxy.errors import StoreError
+from meshproxy.errors import PolicyError, StoreError
 
 MAX = 50
 
@@ -157,3 +157,25 @@ def test_only_counts_and_appended_uuids_make_a_record(tmp_path: Path) -> None:
     assert _journal.delta(grown, replace(grown, instances={"m": ["u2"]})) is None
     assert _journal.delta(s, replace(s, update_log=[])) is None
     assert _journal.delta(s, replace(s, package_svn={"app": 3})) is None
+
+
+def test_refused_activations_write_nothing(tmp_path: Path) -> None:
+    w = world(tmp_path)
+    w.set_manifest(manifest())
+    snapshot, journal = paths(w)
+    activate(w, 2)
+    w.core.transact(lambda s: replace(s, activations={"m": MAX}))  # at the limit
+    before = snapshot.read_bytes(), journal.read_bytes()
+    with pytest.raises(PolicyError, match="MaxActivations"):
+        activate(w, 1)
+    assert (snapshot.read_bytes(), journal.read_bytes()) == before
+    assert restart(w).core.activation_counts() == {"m": MAX}
+
+
+def test_a_state_edited_in_place_and_committed_again_is_written_in_full(tmp_path: Path) -> None:
+    w = world(tmp_path)
+    w.set_manifest(manifest())
+    s = w.core.persistent
+    s.package_svn = {"app": 3}  # not how the core changes state, but must not be lost
+    w.sync.commit(s)
+    assert restart(w).core.persistent.package_svn == {"app": 3}

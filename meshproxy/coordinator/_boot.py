@@ -102,9 +102,12 @@ class StateSync:
         if state.state is State.RECOVERY:
             raise StoreError("refusing to write a recovery-mode placeholder over sealed state")
         tail, self._tail = self._tail, None  # a failed write is followed by a snapshot
+        # Changes are new objects (``dataclasses.replace``), never edits in place: the same
+        # object committed again cannot say what changed, so it is written in full.
         if (
             self._journal_store is not None
             and tail is not None
+            and state is not tail.state
             and tail.sequence < _journal.SNAPSHOT_EVERY
         ):
             record = _journal.delta(tail.state, state)

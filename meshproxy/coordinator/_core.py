@@ -209,6 +209,8 @@ class CoordinatorCore:
         """Commit ``change(current)``; on a lost compare-and-swap, recompute on fresh state."""
         for _ in range(_CAS_ATTEMPTS):
             new = change(self._s)
+            if new is self._s:  # nothing changed (a batch of refusals): nothing to write
+                return new
             try:
                 self._commit(new)
             except StoreConflict:
