@@ -23,6 +23,7 @@ from meshproxy.attestation import (
     SimulationPlatform,
     SimulationProvider,
     _enclave,
+    _tree,
     check_measurement,
     check_package,
     load_description,
@@ -314,3 +315,28 @@ def test_cli_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
         meshproxy.cli.main(argv)
     assert info.value.code == 0
     assert "usage: meshproxy" in capsys.readouterr().out
+
+
+def test_a_prefetched_package_digest_is_used_once(tmp_path: Path) -> None:
+    """The agent hashes the package in a thread while it loads its modules; the digest it
+    started is handed out once, and a later measurement hashes the files again."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("x = 1\n")
+    (pkg / "mod.py").write_text("y = 2\n")
+    first = _tree.package_digest(pkg)
+    _tree.prefetch(pkg)
+    assert _tree.package_digest(pkg) == first
+    (pkg / "mod.py").write_text("y = 3\n")
+    changed = _tree.package_digest(pkg)  # the prefetch was spent: the files are read again
+    assert changed != first
+    _tree.prefetch(tmp_path / "elsewhere")  # another directory's prefetch is not this one's
+    (pkg / "mod.py").write_text("y = 4\n")
+    assert _tree.package_digest(pkg) not in (first, changed)
+
+
+def test_a_prefetch_that_cannot_read_leaves_the_error_to_the_measurement(tmp_path: Path) -> None:
+    missing = tmp_path / "gone"
+    _tree.prefetch(missing)
+    with pytest.raises(FileNotFoundError):
+        _tree.package_digest(missing)

@@ -361,6 +361,12 @@ def _handle(mode: str, request: Mapping[str, Any]) -> dict[str, Any]:
 
     try:
         cfg = load_marble_config(request["config"])
+        if cfg.attestation.provider == "simulation":
+            # The enclave is measured by hashing the package: start now, in a thread, while
+            # this one loads cryptography and the attestation modules (attestation._tree).
+            from meshproxy.attestation._tree import package_dir, prefetch
+
+            prefetch(package_dir())
         setup_logging(cfg.log.level, cfg.log.format)
         return _activate(cfg) if mode == "activate" else _renew(cfg, request)
     except MeshError as exc:
