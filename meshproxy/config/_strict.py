@@ -9,7 +9,6 @@ refused with the nearest valid key suggested:
 from __future__ import annotations
 
 import builtins
-import difflib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -85,6 +84,13 @@ def load_file(path: str | Path, error: type[MeshError] = ConfigError) -> Node:
     return Node(parse_document(data, p.name, error), p.name, "", error)
 
 
+def _close_matches(word: str, options: Iterable[str], n: int = 3, cutoff: float = 0.6) -> list[str]:
+    """``difflib.get_close_matches``, loaded only for a mistake (not on every start)."""
+    import difflib
+
+    return difflib.get_close_matches(word, list(options), n=n, cutoff=cutoff)
+
+
 @dataclass(frozen=True)
 class Node:
     """One value of a parsed document, with where it came from."""
@@ -138,9 +144,9 @@ class Node:
             if key not in allowed and case_insensitive and key.lower() in canon:
                 name = canon[key.lower()]
             if name not in allowed:
-                hint = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+                hint = _close_matches(key, allowed, n=1, cutoff=0.6)
                 if not hint and case_insensitive:
-                    low = difflib.get_close_matches(key.lower(), list(canon), n=1, cutoff=0.6)
+                    low = _close_matches(key.lower(), list(canon), n=1, cutoff=0.6)
                     hint = [canon[low[0]]] if low else []
                 suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
                 self._child(key, value).fail_here(f"unknown key {key!r}{suggestion}")
@@ -204,7 +210,7 @@ class Node:
         options = list(options)
         value = self.str()
         if value not in options:
-            hint = difflib.get_close_matches(value, options, n=1)
+            hint = _close_matches(value, options, n=1)
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
             self.fail(f"must be one of {', '.join(options)}; got {value!r}{suggestion}")
         return value

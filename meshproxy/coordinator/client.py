@@ -44,13 +44,11 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from meshproxy._redact import Secret
 from meshproxy.attestation import (
-    Collateral,
-    CoordinatorPolicy,
     QuoteProvider,
     SimulationPlatform,
+    SimulationProvider,
     TrustAnchor,
     VerifiedQuote,
-    check_coordinator,
     default_platform_dir,
     intel_anchor,
     ratls_report_data,
@@ -67,8 +65,9 @@ from meshproxy.errors import (
 )
 from meshproxy.pki import cert_to_pem, certs_from_pem, make_csr, public_der, verify_issued_by
 
-if TYPE_CHECKING:  # the manifest package is loaded only for a reply that has routes
-    from meshproxy.manifest import RouteRule
+if TYPE_CHECKING:  # loaded where used: an activation needs neither policy nor collateral
+    from meshproxy.attestation import Collateral, CoordinatorPolicy
+    from meshproxy.manifest import RouteRule  # only for a reply that has routes
 
 
 def parse_address(text: str, where: str = "coordinator address") -> tuple[str, int]:
@@ -309,11 +308,20 @@ def _reason(exc: BaseException) -> str:
 
 # -- trust ----------------------------------------------------------------------------------
 def anchors_for(
-    accept_simulation: bool, platform_dir: Path | None, now: datetime
+    accept_simulation: bool,
+    platform_dir: Path | None,
+    now: datetime,
+    *,
+    loaded: SimulationPlatform | None = None,
 ) -> list[TrustAnchor]:
+    """Intel's root, and with ``accept_simulation`` the simulated platform's (``loaded``
+    when it is that directory's, already loaded by the caller's quote provider)."""
     anchors = [intel_anchor()]
     if accept_simulation:
         directory = platform_dir or default_platform_dir()
+        if loaded is not None and Path(loaded.directory) == Path(directory):
+            anchors.append(simulation_anchor(loaded))
+            return anchors
         if not directory.is_dir():
             raise AttestationError(
                 f"no simulated platform at {directory}: a simulated coordinator can only be "
@@ -351,6 +359,7 @@ def _evidence(
     platform_dir: Path | None,
     now: datetime | None = None,
     collateral: Collateral | None = None,
+    loaded: SimulationPlatform | None = None,
 ) -> ClusterEvidence:
     """``fetch_evidence`` over ``conn`` (unpinned; kept open by a caller that pins it)."""
     address = conn.address
@@ -367,7 +376,7 @@ def _evidence(
         raise PKIError(f"coordinator {address} sent {len(certs)} certificates, expected 2")
     intermediate, root = certs
     try:
-        anchors = anchors_for(accept_simulation, platform_dir, now)
+        anchors = anchors_for(accept_simulation, platform_dir, now, loaded=loaded)
         verified = verify_quote(quote, anchors, now=now, collateral=collateral)
     except AttestationError as exc:
         if exc.check == "vendor" and not accept_simulation:
@@ -456,9 +465,14 @@ def activate(
     with conn.kept_open():  # quote, nonce and activation: one TLS connection
         if root is None:
             evidence = _evidence(
-                conn, accept_simulation=accept_simulation, platform_dir=platform_dir
+                conn,
+                accept_simulation=accept_simulation,
+                platform_dir=platform_dir,
+                loaded=provider.platform if isinstance(provider, SimulationProvider) else None,
             )
             if policy is not None:
+                from meshproxy.attestation import check_coordinator
+
                 try:
                     check_coordinator(evidence.verified, policy)
                 except PolicyError as exc:

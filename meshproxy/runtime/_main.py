@@ -284,7 +284,9 @@ async def serve(plan: RunPlan, renewal: tuple[AgentRenewal, Lease] | None = None
         if supervisor.terminating.done():
             supervisor.terminate()
         state.doc["pid"] = pid
-        await asyncio.to_thread(_write_ready, cfg.ready_file, state.doc)
+        # A few hundred bytes in the workdir: written here, not in a thread (starting the
+        # executor's first thread costs more than the write).
+        _write_ready(cfg.ready_file, state.doc)
         if not supervisor.exited:
             state.ready = True
             log.info("ready", extra={"event": "runtime.ready", "pid": pid})
