@@ -221,12 +221,66 @@ def test_meshproxy_entry_measures_the_package_tree(
     desc = load_description(d / "enclave.yaml")
     signed = sign_description(desc, key)
     assert [entry for entry, _ in signed.files] == ["meshproxy"]
-    (pkg / "sub" / "__pycache__" / "other.pyc").write_bytes(b"ignored")
     (pkg / "notes.txt").write_text("not code")
     check_measurement(signed, d)
     (pkg / "sub" / "new.py").write_text("evil = True\n")
     with pytest.raises(AttestationError, match="installed meshproxy package changed"):
         check_measurement(signed, d)
+
+
+def _pyc(source: str, header: bytes) -> bytes:
+    import marshal
+
+    return header.ljust(16, b"\0") + marshal.dumps(compile(source, "mod.py", "exec"))
+
+
+def test_bytecode_that_would_load_is_measured(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, key: ec.EllipticCurvePrivateKey
+) -> None:
+    """Python runs a cached .pyc instead of its source when the header matches, and the
+    header does not bind the code: swapped, added or stray bytecode changes the
+    measurement; a header alone (another install's timestamps) does not."""
+    pkg = tmp_path / "pkg"
+    (pkg / "__pycache__").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "mod.py").write_text("x = 1\n")
+    pyc = pkg / "__pycache__" / "mod.cpython-311.pyc"
+    pyc.write_bytes(_pyc("x = 1\n", b"header-one"))
+    monkeypatch.setattr(_enclave, "_package_dir", lambda: pkg)
+    d = tmp_path / "app"
+    d.mkdir()
+    (d / "enclave.yaml").write_text(DESCRIPTION.replace("[app.py, conf/app.yaml]", "[meshproxy]"))
+    signed = sign_description(load_description(d / "enclave.yaml"), key)
+    pyc.write_bytes(_pyc("x = 1\n", b"header-two"))  # recompiled elsewhere: same code
+    check_measurement(signed, d)
+    for path, data in (
+        (pyc, _pyc("x = 'evil'\n", b"header-one")),  # other code under the same header
+        (pkg / "__pycache__" / "new.cpython-311.opt-1.pyc", _pyc("", b"")),  # added
+        (pkg / "stray.pyc", _pyc("", b"")),  # sourceless bytecode imports too
+    ):
+        before = path.read_bytes() if path.exists() else None
+        path.write_bytes(data)
+        with pytest.raises(AttestationError, match="installed meshproxy package changed"):
+            check_measurement(signed, d)
+        if before is None:
+            path.unlink()
+        else:
+            path.write_bytes(before)
+    check_measurement(signed, d)
+
+
+def test_meshproxy_processes_write_no_bytecode() -> None:
+    """What a start loads would otherwise add bytecode after signing (attestation._tree),
+    also where the environment does not say PYTHONDONTWRITEBYTECODE."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, meshproxy; print(sys.dont_write_bytecode)"],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert out.stdout.strip() == "True"
 
 
 def test_signed_enclave_attests_end_to_end(

@@ -3,11 +3,11 @@
 UniqueID (MRENCLAVE's stand-in) is SHA-256 over a length-prefixed, domain-separated
 encoding of name, ProductID, SecurityVersion, debug and the sorted (file, SHA-256) list.
 The entry ``meshproxy`` stands for the installed meshproxy package: one digest over every
-code file under it (and the trust anchors shipped with it). SignerID is SHA-256 of the
-signer's SubjectPublicKeyInfo DER. The signed JSON is self-checking: ``load_signed``
-verifies the signature, the SignerID and that UniqueID follows from the file list, so a
-file that loads is one the signer vouched for; ``check_measurement`` then compares it with
-the files on disk.
+code file under it, its bytecode and the trust anchors shipped with it (``_tree``).
+SignerID is SHA-256 of the signer's SubjectPublicKeyInfo DER. The signed JSON is
+self-checking: ``load_signed`` verifies the signature, the SignerID and that UniqueID
+follows from the file list, so a file that loads is one the signer vouched for;
+``check_measurement`` then compares it with the files on disk.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -240,6 +239,8 @@ def _document(signed: SignedEnclave) -> dict[str, object]:
 def write_signed(signed: SignedEnclave, path: Path) -> None:
     path = Path(path)
     data = json.dumps(_document(signed), indent=2, sort_keys=True).encode() + b"\n"
+    import tempfile  # signing only
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

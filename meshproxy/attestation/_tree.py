@@ -5,6 +5,17 @@ attestation agent starts hashing the package in a thread (``prefetch``) as soon 
 exists, while its main thread loads the modules it attests with. ``hashlib`` and file reads
 release the GIL, so on two cores the digest is ready before those imports end.
 
+What is measured is what can load: the source files, the shared objects, the type stubs,
+the trust anchors, and the bytecode next to them (``__pycache__/*.pyc`` and any stray
+``.pyc``). Python runs a cached ``.pyc`` instead of its source whenever the ``.pyc``'s
+header matches the source's timestamp or hash, and that header does not bind the code in
+it to the source: someone who can write the package directory could put other code there
+under a valid header. So a ``.pyc``'s code is measured too (its header is not: it only
+decides between two measured things, the source and the ``.pyc``'s code, and holds the
+source's mtime, which differs between two installs of one wheel). Sign after the bytecode
+is written (installing a wheel, ``compileall``); meshproxy's own processes write none
+(``meshproxy/__init__``), so running does not change what was signed.
+
 The prefetched digest is handed out once, to the next ``package_digest`` of the same
 directory, then forgotten: a long-lived process that measures again (signing, a second
 check) hashes the files again, so a change made since is seen.
@@ -21,8 +32,9 @@ from typing import Protocol
 
 import meshproxy
 
-PACKAGE_DOMAIN = b"meshproxy-package-tree/v1"
-PACKAGE_SUFFIXES = (".py", ".so", ".pyi", ".der")
+PACKAGE_DOMAIN = b"meshproxy-package-tree/v2"  # v2: bytecode measured too
+PACKAGE_SUFFIXES = (".py", ".so", ".pyi", ".der", ".pyc")
+_PYC_HEADER = 16  # magic, flags, then source mtime and size, or source hash
 
 _lock = threading.Lock()
 _pending: dict[str, _Prefetch] = {}
@@ -45,10 +57,8 @@ def package_dir() -> Path:
 
 def package_files(root: Path) -> list[str]:
     """The package's measured files as sorted relative POSIX paths: regular files (or links
-    to them) whose suffix is one of PACKAGE_SUFFIXES, outside ``__pycache__``, found
+    to them) whose suffix is one of PACKAGE_SUFFIXES, ``__pycache__`` included, found
     without entering linked directories (what ``root.rglob("*")`` and ``is_file`` select)."""
-    if "__pycache__" in root.parts:
-        return []
     out: list[str] = []
     pending = [""]
     while pending:
@@ -58,7 +68,7 @@ def package_files(root: Path) -> list[str]:
                 name = entry.name
                 sub = f"{rel}/{name}" if rel else name
                 if entry.is_dir():
-                    if name != "__pycache__" and not entry.is_symlink():
+                    if not entry.is_symlink():
                         pending.append(sub)
                 elif _measured_name(name) and entry.is_file():
                     out.append(sub)
@@ -80,6 +90,8 @@ def _digest_now(root: Path) -> str:
     for rel in package_files(root):
         with open(os.path.join(base, rel), "rb") as f:
             data = f.read()
+        if rel.endswith(".pyc"):
+            data = data[_PYC_HEADER:]  # the code; the header only says when it is used
         put(h, rel.encode())
         put(h, hashlib.sha256(data).digest())
     return h.hexdigest()

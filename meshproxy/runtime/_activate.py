@@ -210,6 +210,8 @@ def install_sealing_key(provider: QuoteProvider, activation: Activation) -> None
     """Under Gramine, give the encrypted mounts of ``enclave gramine-manifest`` (key name
     ``SEAL_KEY_NAME``) the marble's virtual sealing key, before the app can open them.
     Other providers have no such interface: the key is not used there."""
+    if provider.name != "gramine":  # decided before loading the providers and templates
+        return
     from meshproxy.attestation import SEAL_KEY_NAME, GramineProvider
 
     if not isinstance(provider, GramineProvider):
