@@ -457,6 +457,9 @@ def _die_with_parent() -> None:
 _PR_SET_PDEATHSIG = 1
 
 if __name__ == "__main__":
+    import gc
+
+    gc.disable()  # a short-lived process: collecting while it loads is work for nothing
     os.umask(0o077)
     _die_with_parent()
     sys.exit(main(sys.argv[1:]))

@@ -290,6 +290,7 @@ async def serve(plan: RunPlan, renewal: tuple[AgentRenewal, Lease] | None = None
         if not supervisor.exited:
             state.ready = True
             log.info("ready", extra={"event": "runtime.ready", "pid": pid})
+        _collect_from_now()
         if renewal is not None:
             renewer = asyncio.ensure_future(
                 _renewer(renewal, state, inbound, outbound, connections).run()
@@ -327,6 +328,16 @@ async def serve(plan: RunPlan, renewal: tuple[AgentRenewal, Lease] | None = None
         if engine is not None:
             await engine.aclose()  # after the drain: ends what the grace period left open
         cfg.ready_file.unlink(missing_ok=True)
+
+
+def _collect_from_now() -> None:
+    """Cyclic garbage collection, off while starting (cli.run), from now on; what the
+    start made is frozen first: it lives as long as the process, and scanning it on each
+    full collection would be work for nothing."""
+    import gc
+
+    gc.freeze()
+    gc.enable()
 
 
 def _renewer_ended(task: asyncio.Task[None]) -> None:
