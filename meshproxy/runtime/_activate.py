@@ -43,11 +43,12 @@ def quote_provider(cfg: MarbleConfig) -> QuoteProvider:
         check_measurement,
         default_platform_dir,
         load_signed,
-        provider_for,
     )
 
     att = cfg.attestation
     if att.provider != "simulation":
+        from meshproxy.attestation import provider_for
+
         provider = provider_for(att.provider, device_root=att.device_dir)
         log.info(
             "hardware quote provider",

@@ -150,6 +150,9 @@ class Forked(Pending):
                 view = memoryview(data)
                 while view:
                     view = view[os.write(write, view) :]
+                # The proxy reads to the end of the pipe: give it that now, not once this
+                # process is torn down (unmapping it takes milliseconds).
+                os.close(write)
             except Exception:  # a bug: say so; the proxy says "failed without an answer"
                 logging.getLogger("meshproxy.runtime").exception("attestation agent failed")
                 code = 70
@@ -177,7 +180,7 @@ class Forked(Pending):
                 if not chunk:
                     break
                 chunks.append(chunk)
-        self._finish()
+        self._finish(wait=False)
         return _answer(self.mode, b"".join(chunks))
 
     def cancel(self) -> None:
@@ -186,13 +189,16 @@ class Forked(Pending):
                 os.kill(self._pid, signal.SIGKILL)
             self._finish()
 
-    def _finish(self) -> None:
+    def _finish(self, *, wait: bool = True) -> None:
+        """Close the pipe and reap the agent; ``wait=False`` when it has answered and is
+        exiting: not waited for here, it is reaped once exited (now, or by the app's
+        supervisor, which reaps every child of the proxy: ``_app.Supervisor``)."""
         if self._done:
             return
         self._done = True
         os.close(self._read)
         with contextlib.suppress(ChildProcessError):
-            os.waitpid(self._pid, 0)
+            os.waitpid(self._pid, 0 if wait else os.WNOHANG)
 
 
 def begin_activation(config: Path) -> Pending:
