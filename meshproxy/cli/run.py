@@ -79,13 +79,19 @@ def _run(args: argparse.Namespace) -> int:
     try:
         for name in _SHARED:
             importlib.import_module(name)
+        from meshproxy._log import setup as setup_logging
+        from meshproxy.config import load_marble_config
+
+        # Loaded once, here: the agent (a fork) has it without parsing the file again.
+        cfg = load_marble_config(args.config)
+        setup_logging(cfg.log.level, cfg.log.format)
         # The attestation agent starts first: it attests while this process loads the
         # data plane's modules (meshproxy.runtime._agent).
         from meshproxy.runtime._agent import begin_activation
 
-        pending = begin_activation(args.config)
+        pending = begin_activation(args.config, cfg)
         from meshproxy.runtime import run
 
-        return run(args.config, app_argv(list(args.argv)), pending=pending)
+        return run(args.config, app_argv(list(args.argv)), pending=pending, cfg=cfg)
     finally:
         gc.enable()

@@ -34,6 +34,7 @@ from meshproxy._redact import Secret
 from meshproxy.errors import ConnectError, MeshError
 
 if TYPE_CHECKING:
+    from meshproxy.config import MarbleConfig
     from meshproxy.manifest import RouteRule
     from meshproxy.runtime._renew import Lease, Renewed
     from meshproxy.tls import TLSIdentity
@@ -136,7 +137,9 @@ class Forked(Pending):
     is already imported (a new interpreter would cost a start and the same imports again).
     The proxy (the parent) never imports what the child loads to attest."""
 
-    def __init__(self, mode: str, request: Mapping[str, Any]) -> None:
+    def __init__(
+        self, mode: str, request: Mapping[str, Any], cfg: MarbleConfig | None = None
+    ) -> None:
         self.mode = mode
         self._done = False
         read, write = os.pipe()
@@ -146,7 +149,7 @@ class Forked(Pending):
             try:
                 os.close(read)
                 _die_with_parent()
-                data = json.dumps(_handle(mode, request)).encode()
+                data = json.dumps(_handle(mode, request, cfg)).encode()
                 view = memoryview(data)
                 while view:
                     view = view[os.write(write, view) :]
@@ -201,9 +204,11 @@ class Forked(Pending):
             os.waitpid(self._pid, 0 if wait else os.WNOHANG)
 
 
-def begin_activation(config: Path) -> Pending:
-    """Start activating in the agent now; ``activate(pending=...)`` reads the result."""
-    return Forked("activate", {"config": str(config)})
+def begin_activation(config: Path, cfg: MarbleConfig | None = None) -> Pending:
+    """Start activating in the agent now; ``activate(pending=...)`` reads the result.
+    ``cfg``: ``config`` already loaded (and logging set up) by the caller; the agent, a
+    fork, has it without parsing the file again."""
+    return Forked("activate", {"config": str(config)}, cfg)
 
 
 def activate(config: Path, timeout: float, *, pending: Pending | None = None) -> Activated:
@@ -361,19 +366,22 @@ def main(argv: list[str]) -> int:
     return 0 if "error" not in doc else 1
 
 
-def _handle(mode: str, request: Mapping[str, Any]) -> dict[str, Any]:
+def _handle(
+    mode: str, request: Mapping[str, Any], cfg: MarbleConfig | None = None
+) -> dict[str, Any]:
     from meshproxy._log import setup as setup_logging
     from meshproxy.config import load_marble_config
 
     try:
-        cfg = load_marble_config(request["config"])
+        if cfg is None:
+            cfg = load_marble_config(request["config"])
+            setup_logging(cfg.log.level, cfg.log.format)
         if cfg.attestation.provider == "simulation":
             # The enclave is measured by hashing the package: start now, in a thread, while
             # this one loads cryptography and the attestation modules (attestation._tree).
             from meshproxy.attestation._tree import package_dir, prefetch
 
             prefetch(package_dir())
-        setup_logging(cfg.log.level, cfg.log.format)
         return _activate(cfg) if mode == "activate" else _renew(cfg, request)
     except MeshError as exc:
         return {"error": str(exc), "kind": type(exc).__name__,
@@ -385,7 +393,7 @@ def _activate(cfg: Any) -> dict[str, Any]:
     from meshproxy.pki import cert_to_pem, certs_to_pem, generate_key, key_to_pem
     from meshproxy.runtime._activate import activate as activate_now
     from meshproxy.runtime._activate import quote_provider, write_files
-    from meshproxy.runtime._renew import lease_of
+    from meshproxy.runtime._lease import lease_of
 
     provider = quote_provider(cfg)
     key = generate_key()
@@ -418,7 +426,7 @@ def _renew(cfg: Any, request: Mapping[str, Any]) -> dict[str, Any]:
     from meshproxy.coordinator.client import renew as renew_now
     from meshproxy.pki import cert_from_pem, cert_to_pem, certs_to_pem, generate_key, key_to_pem
     from meshproxy.runtime._activate import ATTEMPT_TIMEOUT, quote_provider
-    from meshproxy.runtime._renew import lease_of
+    from meshproxy.runtime._lease import lease_of
 
     provider = quote_provider(cfg)
     key = generate_key()

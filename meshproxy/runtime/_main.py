@@ -90,20 +90,28 @@ def _speaks_http(cfg: MarbleConfig) -> bool:
 
 
 def run(
-    config_path: Path, app_argv: Sequence[str], *, pending: _agent.Pending | None = None
+    config_path: Path,
+    app_argv: Sequence[str],
+    *,
+    pending: _agent.Pending | None = None,
+    cfg: MarbleConfig | None = None,
 ) -> int:
     """``meshproxy run``: returns the app's exit status. ``pending``: the agent, started
-    by the caller before this module was even imported (``cli.run``)."""
-    pending = pending or _agent.begin_activation(config_path)
+    by the caller before this module was even imported (``cli.run``), with ``cfg``, the
+    config it loaded (and set up logging for) then."""
+    if cfg is None:
+        cfg = load_marble_config(config_path)
+        setup_logging(cfg.log.level, cfg.log.format)
+    pending = pending or _agent.begin_activation(config_path, cfg)
     try:
-        return _run(config_path, app_argv, pending)
+        return _run(config_path, cfg, app_argv, pending)
     finally:
         pending.cancel()  # a no-op once it answered
 
 
-def _run(config_path: Path, app_argv: Sequence[str], pending: _agent.Pending) -> int:
-    cfg = load_marble_config(config_path)
-    setup_logging(cfg.log.level, cfg.log.format)
+def _run(
+    config_path: Path, cfg: MarbleConfig, app_argv: Sequence[str], pending: _agent.Pending
+) -> int:
     log.info(
         "meshproxy run starting",
         extra={"event": "runtime.start", "version": __version__, "config": str(config_path),
