@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import stat
 import sys
 import types
@@ -371,26 +372,26 @@ def test_cli_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert "usage: meshproxy" in capsys.readouterr().out
 
 
-def test_a_prefetched_package_digest_is_used_once(tmp_path: Path) -> None:
-    """The agent hashes the package in a thread while it loads its modules; the digest it
-    started is handed out once, and a later measurement hashes the files again."""
+def test_a_digest_sent_by_the_proxy_is_used_once(tmp_path: Path) -> None:
+    """meshproxy run measures the package in the proxy while its agent loads its modules;
+    the agent uses that digest once, and a later measurement hashes the files again."""
     pkg = tmp_path / "pkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("x = 1\n")
     (pkg / "mod.py").write_text("y = 2\n")
     first = _tree.package_digest(pkg)
-    _tree.prefetch(pkg)
-    assert _tree.package_digest(pkg) == first
-    (pkg / "mod.py").write_text("y = 3\n")
-    changed = _tree.package_digest(pkg)  # the prefetch was spent: the files are read again
-    assert changed != first
-    _tree.prefetch(tmp_path / "elsewhere")  # another directory's prefetch is not this one's
-    (pkg / "mod.py").write_text("y = 4\n")
-    assert _tree.package_digest(pkg) not in (first, changed)
+    read, write = os.pipe()
+    _tree.send_digest(pkg, write)
+    (pkg / "mod.py").write_text("y = 3\n")  # after the proxy measured
+    _tree.expect_digest(pkg, read)
+    assert _tree.package_digest(pkg) == first  # what was measured, sent
+    assert _tree.package_digest(pkg) != first  # spent: the files are read again
 
 
-def test_a_prefetch_that_cannot_read_leaves_the_error_to_the_measurement(tmp_path: Path) -> None:
+def test_when_the_proxy_cannot_measure_the_agent_measures_and_reports(tmp_path: Path) -> None:
     missing = tmp_path / "gone"
-    _tree.prefetch(missing)
+    read, write = os.pipe()
+    _tree.send_digest(missing, write)
+    _tree.expect_digest(missing, read)
     with pytest.raises(FileNotFoundError):
         _tree.package_digest(missing)

@@ -1,9 +1,9 @@
 """The measured tree of the installed meshproxy package: which files, and their digest.
 
-Kept free of ``cryptography`` and the rest of the attestation package: ``meshproxy run``'s
-attestation agent starts hashing the package in a thread (``prefetch``) as soon as it
-exists, while its main thread loads the modules it attests with. ``hashlib`` and file reads
-release the GIL, so on two cores the digest is ready before those imports end.
+Kept free of ``cryptography`` and the rest of the attestation package: ``meshproxy run``
+measures the package in the proxy (``send_digest``) right after forking its attestation
+agent, which loads the modules it attests with meanwhile and reads the digest when it
+checks the measurement (``expect_digest``); on two cores both happen at once.
 
 What is measured is what can load: the source files, the shared objects, the type stubs,
 the trust anchors, and the bytecode next to them (``__pycache__/*.pyc`` and any stray
@@ -16,17 +16,15 @@ source's mtime, which differs between two installs of one wheel). Sign after the
 is written (installing a wheel, ``compileall``); meshproxy's own processes write none
 (``meshproxy/__init__``), so running does not change what was signed.
 
-The prefetched digest is handed out once, to the next ``package_digest`` of the same
-directory, then forgotten: a long-lived process that measures again (signing, a second
-check) hashes the files again, so a change made since is seen.
+The digest sent is used once, by the next ``package_digest`` of that directory: a process
+that measures again (signing, a second check) hashes the files again, so a change made
+since is seen.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -36,8 +34,7 @@ PACKAGE_DOMAIN = b"meshproxy-package-tree/v2"  # v2: bytecode measured too
 PACKAGE_SUFFIXES = (".py", ".so", ".pyi", ".der", ".pyc")
 _PYC_HEADER = 16  # magic, flags, then source mtime and size, or source hash
 
-_lock = threading.Lock()
-_pending: dict[str, _Prefetch] = {}
+_pending: dict[str, int] = {}  # root -> the pipe its digest comes on (expect_digest)
 
 
 class _Hash(Protocol):
@@ -97,32 +94,42 @@ def _digest_now(root: Path) -> str:
     return h.hexdigest()
 
 
-class _Prefetch:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.digest: str | None = None
-        self.thread = threading.Thread(target=self._run, name="measure-package", daemon=True)
+# -- measured by the proxy while its agent loads its modules ------------------------------
+def send_digest(root: Path, fd: int) -> None:
+    """Hash ``root`` and write the hex digest to ``fd``, then close it.
 
-    def _run(self) -> None:
-        # A file that cannot be read leaves no digest: the reader hashes again and reports.
-        with contextlib.suppress(OSError):
-            self.digest = _digest_now(self.root)
+    ``meshproxy run`` forks its attestation agent, then measures here, in the proxy,
+    while the agent loads cryptography and the attestation modules (a thread of the
+    agent would hardly run: every read and open hands the GIL back to imports that keep
+    it for the whole switch interval). Both processes are the same code in the same
+    enclave, the pipe is theirs alone; a file that cannot be read sends nothing, and the
+    agent measures itself and reports it."""
+    try:
+        digest = _digest_now(Path(root))
+    except OSError:
+        digest = ""
+    try:
+        os.write(fd, digest.encode())  # 64 bytes: one atomic write to a pipe
+    finally:
+        os.close(fd)
 
 
-def prefetch(root: Path) -> None:
-    """Start hashing ``root`` in a thread; the next ``package_digest(root)`` waits for it."""
-    job = _Prefetch(Path(root))
-    with _lock:
-        _pending[str(job.root)] = job
-    job.thread.start()
+def expect_digest(root: Path, fd: int) -> None:
+    """The next ``package_digest(root)`` reads ``send_digest``'s answer from ``fd``."""
+    _pending[str(Path(root))] = fd
 
 
 def package_digest(root: Path) -> str:
     """SHA-256 over the package's measured files (their paths and contents), hex."""
-    with _lock:
-        job = _pending.pop(str(Path(root)), None)
-    if job is not None:
-        job.thread.join()
-        if job.digest is not None:
-            return job.digest
-    return _digest_now(Path(root))  # no prefetch, or it failed: measure here (and raise)
+    fd = _pending.pop(str(Path(root)), None)
+    if fd is not None:
+        chunks = []
+        try:
+            while chunk := os.read(fd, 128):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        digest = b"".join(chunks).decode("ascii", "replace")
+        if len(digest) == 64:
+            return digest
+    return _digest_now(Path(root))  # none sent (the proxy could not read): measure here

@@ -143,11 +143,21 @@ class Forked(Pending):
         self.mode = mode
         self._done = False
         read, write = os.pipe()
+        # Simulation measures the package: this process hashes it while the agent loads
+        # its modules, and hands the digest over a pipe (attestation._tree.send_digest).
+        measure = None
+        if cfg is not None and cfg.attestation.provider == "simulation":
+            from meshproxy.attestation import _tree
+
+            measure = os.pipe()
         pid = os.fork()
         if pid == 0:  # the agent
             code = 0
             try:
                 os.close(read)
+                if measure is not None:
+                    os.close(measure[1])
+                    _tree.expect_digest(_tree.package_dir(), measure[0])
                 _die_with_parent()
                 data = json.dumps(_handle(mode, request, cfg)).encode()
                 view = memoryview(data)
@@ -164,6 +174,9 @@ class Forked(Pending):
         os.close(write)
         self._pid = pid
         self._read = read
+        if measure is not None:
+            os.close(measure[0])
+            _tree.send_digest(_tree.package_dir(), measure[1])
 
     def result(self, timeout: float) -> dict[str, Any]:
         import selectors
@@ -376,12 +389,6 @@ def _handle(
         if cfg is None:
             cfg = load_marble_config(request["config"])
             setup_logging(cfg.log.level, cfg.log.format)
-        if cfg.attestation.provider == "simulation":
-            # The enclave is measured by hashing the package: start now, in a thread, while
-            # this one loads cryptography and the attestation modules (attestation._tree).
-            from meshproxy.attestation._tree import package_dir, prefetch
-
-            prefetch(package_dir())
         return _activate(cfg) if mode == "activate" else _renew(cfg, request)
     except MeshError as exc:
         return {"error": str(exc), "kind": type(exc).__name__,
