@@ -62,8 +62,8 @@ def app_argv(raw: list[str]) -> list[str]:
 # Modules both the proxy and the attestation agent load: imported once, before the fork,
 # instead of once in each process after it (the two share one CPU on a small node). Only
 # these: the agent's own (cryptography, attestation, the coordinator client) stay out of
-# the long-lived proxy, and the proxy's own (asyncio, uvloop, the data plane) come after
-# the fork, while the agent attests.
+# the long-lived proxy, and the proxy's own (PyYAML for the config file, asyncio, uvloop,
+# the data plane) come after the fork, while the agent attests.
 _SHARED = ("ctypes", "ssl", "meshproxy.config", "meshproxy._log")
 
 
@@ -79,17 +79,22 @@ def _run(args: argparse.Namespace) -> int:
     try:
         for name in _SHARED:
             importlib.import_module(name)
-        from meshproxy._log import setup as setup_logging
-        from meshproxy.config import load_marble_config
-
-        # Loaded once, here: the agent (a fork) has it without parsing the file again.
-        cfg = load_marble_config(args.config)
-        setup_logging(cfg.log.level, cfg.log.format)
-        # The attestation agent starts first: it attests while this process loads the
-        # data plane's modules (meshproxy.runtime._agent).
+        # The attestation agent starts first: it loads what it attests with while this
+        # process parses the config (PyYAML is loaded here only), which it then hands to
+        # the agent, and loads the data plane's modules (meshproxy.runtime._agent).
         from meshproxy.runtime._agent import begin_activation
 
-        pending = begin_activation(args.config, cfg)
+        pending = begin_activation(args.config)
+        try:
+            from meshproxy._log import setup as setup_logging
+            from meshproxy.config._marble import load_marble_document
+
+            cfg, document = load_marble_document(args.config)
+            setup_logging(cfg.log.level, cfg.log.format)
+            pending.configure(cfg, document)
+        except BaseException:
+            pending.cancel()
+            raise
         from meshproxy.runtime import run
 
         return run(args.config, app_argv(list(args.argv)), pending=pending, cfg=cfg)

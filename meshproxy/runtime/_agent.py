@@ -43,6 +43,8 @@ if TYPE_CHECKING:
 # module before forking the agent, and the agent needs neither asyncio (``_renew``) nor
 # the TLS backends; the sooner the fork, the sooner attesting starts.
 
+log = logging.getLogger("meshproxy.runtime")
+
 AGENT_TIMEOUT_SLACK = 30.0  # beyond the activation timeout, before the agent is killed
 
 
@@ -135,31 +137,34 @@ class Forked(Pending):
     """The agent as a fork of this process, for the activation at start: the process is
     still single-threaded and small then, and a fork starts attesting at once with what
     is already imported (a new interpreter would cost a start and the same imports again).
-    The proxy (the parent) never imports what the child loads to attest."""
+    The proxy (the parent) never imports what the child loads to attest.
+
+    Without ``cfg`` the agent is forked before the config is loaded: it loads its
+    modules while the proxy parses the config (PyYAML stays in the proxy), then gets it
+    from ``configure`` as JSON. For simulation the proxy also measures the package
+    meanwhile and hands over the digest (attestation._tree.send_digest)."""
 
     def __init__(
         self, mode: str, request: Mapping[str, Any], cfg: MarbleConfig | None = None
     ) -> None:
+        import meshproxy.attestation._tree  # noqa: F401 (both sides use it: loaded once)
+
         self.mode = mode
         self._done = False
         read, write = os.pipe()
-        # Simulation measures the package: this process hashes it while the agent loads
-        # its modules, and hands the digest over a pipe (attestation._tree.send_digest).
-        measure = None
-        if cfg is not None and cfg.attestation.provider == "simulation":
-            from meshproxy.attestation import _tree
-
-            measure = os.pipe()
+        config = os.pipe() if cfg is None else None
+        digest = os.pipe()
         pid = os.fork()
         if pid == 0:  # the agent
             code = 0
             try:
                 os.close(read)
-                if measure is not None:
-                    os.close(measure[1])
-                    _tree.expect_digest(_tree.package_dir(), measure[0])
+                os.close(digest[1])
+                if config is not None:
+                    os.close(config[1])
                 _die_with_parent()
-                data = json.dumps(_handle(mode, request, cfg)).encode()
+                doc = _agent_side(mode, request, cfg, config and config[0], digest[0])
+                data = json.dumps(doc).encode()
                 view = memoryview(data)
                 while view:
                     view = view[os.write(write, view) :]
@@ -172,15 +177,50 @@ class Forked(Pending):
             finally:
                 os._exit(code)  # no atexit handlers, no flushing the parent's buffers
         os.close(write)
+        os.close(digest[0])
         self._pid = pid
         self._read = read
-        if measure is not None:
-            os.close(measure[0])
-            _tree.send_digest(_tree.package_dir(), measure[1])
+        self._digest: int | None = digest[1]
+        self._config: int | None = None
+        if config is not None:
+            os.close(config[0])
+            self._config = config[1]
+        else:
+            assert cfg is not None
+            self._send_digest(cfg)
+
+    def configure(self, cfg: MarbleConfig, document: Mapping[str, Any]) -> None:
+        """Hand the agent forked without a config this one (``document``: what
+        ``config.load_marble_document`` made it of), then the package's digest."""
+        fd, self._config = self._config, None
+        if fd is not None:
+            message = b""
+            with contextlib.suppress(TypeError, ValueError):  # not JSON: the agent reads the file
+                text = json.dumps(dict(document))
+                if json.loads(text) == dict(document):  # the very values (no int keys...)
+                    message = text.encode()
+            _write_all(fd, message)
+        self._send_digest(cfg)
+
+    def _send_digest(self, cfg: MarbleConfig) -> None:
+        fd, self._digest = self._digest, None
+        if fd is None:
+            return
+        if cfg.attestation.provider != "simulation":
+            os.close(fd)
+            return
+        from meshproxy.attestation import _tree
+
+        _tree.send_digest(_tree.package_dir(), fd)
 
     def result(self, timeout: float) -> dict[str, Any]:
         import selectors
 
+        # Not configured: the agent reads the config file itself (and measures itself).
+        for fd in (self._config, self._digest):
+            if fd is not None:
+                os.close(fd)
+        self._config = self._digest = None
         chunks = []
         with selectors.DefaultSelector() as sel:
             sel.register(self._read, selectors.EVENT_READ)
@@ -206,21 +246,26 @@ class Forked(Pending):
             self._finish()
 
     def _finish(self, *, wait: bool = True) -> None:
-        """Close the pipe and reap the agent; ``wait=False`` when it has answered and is
+        """Close the pipes and reap the agent; ``wait=False`` when it has answered and is
         exiting: not waited for here, it is reaped once exited (now, or by the app's
         supervisor, which reaps every child of the proxy: ``_app.Supervisor``)."""
         if self._done:
             return
         self._done = True
         os.close(self._read)
+        for fd in (self._config, self._digest):
+            if fd is not None:
+                os.close(fd)
+        self._config = self._digest = None
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self._pid, 0 if wait else os.WNOHANG)
 
 
-def begin_activation(config: Path, cfg: MarbleConfig | None = None) -> Pending:
+def begin_activation(config: Path, cfg: MarbleConfig | None = None) -> Forked:
     """Start activating in the agent now; ``activate(pending=...)`` reads the result.
     ``cfg``: ``config`` already loaded (and logging set up) by the caller; the agent, a
-    fork, has it without parsing the file again."""
+    fork, has it without parsing the file again. Without it, the caller loads it while
+    the agent loads its modules, and hands it over with ``configure``."""
     return Forked("activate", {"config": str(config)}, cfg)
 
 
@@ -377,6 +422,69 @@ def main(argv: list[str]) -> int:
     sys.stdout.write(json.dumps(doc))
     sys.stdout.flush()
     return 0 if "error" not in doc else 1
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write ``data`` to the pipe ``fd`` and close it (an agent gone already reads none)."""
+    view = memoryview(data)
+    with contextlib.suppress(BrokenPipeError):
+        while view:
+            view = view[os.write(fd, view) :]
+    os.close(fd)
+
+
+def _agent_side(
+    mode: str,
+    request: Mapping[str, Any],
+    cfg: MarbleConfig | None,
+    config_fd: int | None,
+    digest_fd: int,
+) -> dict[str, Any]:
+    """The forked agent: with ``config_fd``, load the modules attesting needs while the
+    proxy loads the config, then read it (nothing: read the file here, as the renewal
+    agent does, and report what is wrong with it)."""
+    from meshproxy._log import setup as setup_logging
+
+    if config_fd is not None:
+        _preload()
+        data = _read_all(config_fd)
+        if data:
+            from meshproxy.config._marble import from_marble_document
+
+            try:
+                cfg = from_marble_document(json.loads(data))
+            except MeshError:
+                cfg = None  # the proxy refused it too; _handle says why, if anyone asks
+            else:
+                setup_logging(cfg.log.level, cfg.log.format)
+    log.debug("attestation agent started", extra={"event": "agent.start"})
+    if cfg is not None and cfg.attestation.provider == "simulation":
+        from meshproxy.attestation import _tree
+
+        _tree.expect_digest(_tree.package_dir(), digest_fd)
+    else:
+        os.close(digest_fd)
+    return _handle(mode, request, cfg)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    try:
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def _preload() -> None:
+    """What attesting loads, in the order it does, before the config is there."""
+    import meshproxy.attestation._enclave
+    import meshproxy.attestation._platform
+    import meshproxy.coordinator.client
+    import meshproxy.pki
+    import meshproxy.runtime._activate
+    import meshproxy.runtime._lease  # noqa: F401
 
 
 def _handle(
