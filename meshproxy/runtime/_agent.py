@@ -457,7 +457,7 @@ def _agent_side(
                 cfg = None  # the proxy refused it too; _handle says why, if anyone asks
             else:
                 setup_logging(cfg.log.level, cfg.log.format)
-    log.debug("attestation agent started", extra={"event": "agent.start"})
+    log.debug("attestation agent configured", extra={"event": "agent.config"})
     if cfg is not None and cfg.attestation.provider == "simulation":
         from meshproxy.attestation import _tree
 
