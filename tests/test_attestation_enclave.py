@@ -235,27 +235,41 @@ def _pyc(source: str, header: bytes) -> bytes:
     return header.ljust(16, b"\0") + marshal.dumps(compile(source, "mod.py", "exec"))
 
 
+def _stamp(source: Path, *, mtime_offset: int = 0) -> bytes:
+    """A timestamp pyc header for ``source`` (valid with offset 0, stale otherwise)."""
+    import importlib.util
+
+    st = source.stat()
+    mtime = (int(st.st_mtime) + mtime_offset) & 0xFFFFFFFF
+    return (
+        importlib.util.MAGIC_NUMBER + bytes(4) + mtime.to_bytes(4, "little")
+        + (st.st_size & 0xFFFFFFFF).to_bytes(4, "little")
+    )  # fmt: skip
+
+
 def test_bytecode_that_would_load_is_measured(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, key: ec.EllipticCurvePrivateKey
 ) -> None:
     """Python runs a cached .pyc instead of its source when the header matches, and the
     header does not bind the code: swapped, added or stray bytecode changes the
-    measurement; a header alone (another install's timestamps) does not."""
+    measurement; another install's timestamps do not."""
     pkg = tmp_path / "pkg"
     (pkg / "__pycache__").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
-    (pkg / "mod.py").write_text("x = 1\n")
+    source = pkg / "mod.py"
+    source.write_text("x = 1\n")
     pyc = pkg / "__pycache__" / "mod.cpython-311.pyc"
-    pyc.write_bytes(_pyc("x = 1\n", b"header-one"))
+    pyc.write_bytes(_pyc("x = 1\n", _stamp(source)))
     monkeypatch.setattr(_enclave, "_package_dir", lambda: pkg)
     d = tmp_path / "app"
     d.mkdir()
     (d / "enclave.yaml").write_text(DESCRIPTION.replace("[app.py, conf/app.yaml]", "[meshproxy]"))
     signed = sign_description(load_description(d / "enclave.yaml"), key)
-    pyc.write_bytes(_pyc("x = 1\n", b"header-two"))  # recompiled elsewhere: same code
+    os.utime(source, (1_700_000_000, 1_700_000_000))  # installed elsewhere: other mtimes
+    pyc.write_bytes(_pyc("x = 1\n", _stamp(source)))
     check_measurement(signed, d)
     for path, data in (
-        (pyc, _pyc("x = 'evil'\n", b"header-one")),  # other code under the same header
+        (pyc, _pyc("x = 'evil'\n", _stamp(source))),  # other code under a valid header
         (pkg / "__pycache__" / "new.cpython-311.opt-1.pyc", _pyc("", b"")),  # added
         (pkg / "stray.pyc", _pyc("", b"")),  # sourceless bytecode imports too
     ):
@@ -268,6 +282,29 @@ def test_bytecode_that_would_load_is_measured(
         else:
             path.write_bytes(before)
     check_measurement(signed, d)
+
+
+def test_a_stale_pyc_cannot_be_brought_to_run_by_its_header(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, key: ec.EllipticCurvePrivateKey
+) -> None:
+    """Bytecode of old code left next to a newer source was signed as not running;
+    rewriting its header so that it would run changes the measurement."""
+    pkg = tmp_path / "pkg"
+    (pkg / "__pycache__").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    source = pkg / "mod.py"
+    source.write_text("fixed = True\n")
+    pyc = pkg / "__pycache__" / "mod.cpython-311.pyc"
+    pyc.write_bytes(_pyc("fixed = False\n", _stamp(source, mtime_offset=-60)))  # stale
+    monkeypatch.setattr(_enclave, "_package_dir", lambda: pkg)
+    d = tmp_path / "app"
+    d.mkdir()
+    (d / "enclave.yaml").write_text(DESCRIPTION.replace("[app.py, conf/app.yaml]", "[meshproxy]"))
+    signed = sign_description(load_description(d / "enclave.yaml"), key)
+    check_measurement(signed, d)
+    pyc.write_bytes(_pyc("fixed = False\n", _stamp(source)))  # now it would run
+    with pytest.raises(AttestationError, match="installed meshproxy package changed"):
+        check_measurement(signed, d)
 
 
 def test_meshproxy_processes_write_no_bytecode() -> None:

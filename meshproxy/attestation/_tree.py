@@ -10,11 +10,13 @@ the trust anchors, and the bytecode next to them (``__pycache__/*.pyc`` and any 
 ``.pyc``). Python runs a cached ``.pyc`` instead of its source whenever the ``.pyc``'s
 header matches the source's timestamp or hash, and that header does not bind the code in
 it to the source: someone who can write the package directory could put other code there
-under a valid header. So a ``.pyc``'s code is measured too (its header is not: it only
-decides between two measured things, the source and the ``.pyc``'s code, and holds the
-source's mtime, which differs between two installs of one wheel). Sign after the bytecode
-is written (installing a wheel, ``compileall``); meshproxy's own processes write none
-(``meshproxy/__init__``), so running does not change what was signed.
+under a valid header. So a ``.pyc``'s code is measured too, with whether this interpreter
+would run it for its source now (``_pyc_used``: what its header decides; a stale ``.pyc``
+of old code cannot be made to run by rewriting its header). The header itself is not
+measured: it holds the source's mtime, which differs between two installs of one wheel.
+Sign after the bytecode is written (installing a wheel, ``compileall``); meshproxy's own
+processes write none (``meshproxy/__init__``), so running does not change what was
+signed.
 
 The digest sent is used once, by the next ``package_digest`` of that directory: a process
 that measures again (signing, a second check) hashes the files again, so a change made
@@ -83,16 +85,59 @@ def _measured_name(name: str) -> bool:
 def _digest_now(root: Path) -> str:
     # With str paths and os.scandir this takes a few ms, where pathlib's rglob took ~15 ms.
     base = str(root)
+    files = package_files(root)
+    contents = {}
+    for rel in files:
+        with open(os.path.join(base, rel), "rb") as f:
+            contents[rel] = f.read()
     h = hashlib.sha256()
     put(h, PACKAGE_DOMAIN)
-    for rel in package_files(root):
-        with open(os.path.join(base, rel), "rb") as f:
-            data = f.read()
-        if rel.endswith(".pyc"):
-            data = data[_PYC_HEADER:]  # the code; the header only says when it is used
+    for rel in files:
+        data = contents[rel]
+        if rel.endswith(".pyc"):  # the code, and whether it runs (not the header's mtime)
+            used = _pyc_used(base, rel, data, contents)
+            data = (b"\x01" if used else b"\x00") + data[_PYC_HEADER:]
         put(h, rel.encode())
         put(h, hashlib.sha256(data).digest())
     return h.hexdigest()
+
+
+def _pyc_used(base: str, rel: str, data: bytes, contents: dict[str, bytes]) -> bool:
+    """Whether this interpreter runs this ``.pyc``'s code when its module is imported:
+    what ``importlib``'s SourceFileLoader decides from the header (a ``__pycache__``
+    entry is used only for its source, and only while its header matches that source);
+    a ``.pyc`` outside ``__pycache__`` loads on its own when imported."""
+    import _imp
+    import importlib.util
+
+    if len(data) < _PYC_HEADER or data[:4] != importlib.util.MAGIC_NUMBER:
+        return False
+    if "__pycache__" not in rel.split("/"):
+        return True
+    try:
+        source = importlib.util.source_from_cache(os.path.join(base, rel))
+        st = os.stat(source)
+    except (ValueError, OSError):
+        return False  # not a name import looks up, or no source: never loaded
+    flags = int.from_bytes(data[4:8], "little")
+    if flags & ~0b11:
+        return False
+    if flags & 0b1:  # hash-based
+        checked = flags & 0b10 != 0
+        mode = getattr(_imp, "check_hash_based_pycs", "default")
+        if mode == "never" or (not checked and mode != "always"):
+            return True
+        code = contents.get(os.path.relpath(source, base).replace(os.sep, "/"))
+        if code is None:
+            try:
+                with open(source, "rb") as f:
+                    code = f.read()
+            except OSError:
+                return False
+        return importlib.util.source_hash(code) == data[8:16]
+    mtime = int.from_bytes(data[8:12], "little")
+    size = int.from_bytes(data[12:16], "little")
+    return mtime == int(st.st_mtime) & 0xFFFFFFFF and size == st.st_size & 0xFFFFFFFF
 
 
 # -- measured by the proxy while its agent loads its modules ------------------------------
