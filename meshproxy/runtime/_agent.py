@@ -21,11 +21,9 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,66 +33,30 @@ from meshproxy.errors import ConnectError, MeshError
 
 if TYPE_CHECKING:
     from meshproxy.config import MarbleConfig
-    from meshproxy.manifest import RouteRule
-    from meshproxy.runtime._renew import Lease, Renewed
+    from meshproxy.runtime._activated import Activated, AgentRenewal, MeshView, Renewal
+    from meshproxy.runtime._lease import Lease
     from meshproxy.tls import TLSIdentity
+
+__all__ = ["Activated", "AgentRenewal", "Forked", "MeshView", "Pending", "Renewal"]
 
 # Loaded by the proxy's side on first use, not at import: ``meshproxy run`` imports this
 # module before forking the agent, and the agent needs neither asyncio (``_renew``) nor
-# the TLS backends; the sooner the fork, the sooner attesting starts.
+# the TLS backends nor what the proxy serves with (``_activated``, re-exported here); the
+# sooner the fork, the sooner attesting starts.
+_ACTIVATED = ("Activated", "AgentRenewal", "MeshView", "Renewal")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ACTIVATED:
+        from meshproxy.runtime import _activated
+
+        return getattr(_activated, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 log = logging.getLogger("meshproxy.runtime")
 
 AGENT_TIMEOUT_SLACK = 30.0  # beyond the activation timeout, before the agent is killed
-
-
-@dataclass(frozen=True)
-class MeshView:
-    """The manifest's mesh policy as the data plane needs it (``MeshPolicy``'s interface)."""
-
-    trust_domain: str
-    allow: Mapping[str, tuple[str, ...]]
-    routes: Mapping[str, tuple[Mapping[str, Any], ...]] = field(default_factory=dict)
-
-    def callers_of(self, marble_type: str) -> tuple[str, ...]:
-        return self.allow.get(marble_type, ())
-
-    def routes_of(self, marble_type: str) -> tuple[RouteRule, ...]:
-        from meshproxy.manifest import RouteRule  # only HTTP listeners have routes
-
-        return tuple(
-            RouteRule(
-                path=r["path"],
-                path_prefix=r["path_prefix"],
-                methods=tuple(r["methods"]),
-                allow=tuple(r["allow"]),
-            )
-            for r in self.routes.get(marble_type, ())
-        )
-
-
-@dataclass(frozen=True)
-class Activated:
-    """An activation, without cryptography objects: what ``meshproxy run`` serves with."""
-
-    uuid: str
-    identity: TLSIdentity
-    root_pem: bytes
-    files: Mapping[str, bytes] = field(repr=False)
-    env: Mapping[str, bytes] = field(repr=False)
-    argv: tuple[str, ...]
-    mesh: MeshView
-    lease: Lease
-    simulated: bool
-    sealing_key: Secret | None = field(default=None, repr=False)  # Gramine's mounts
-
-
-@dataclass(frozen=True)
-class Renewal:
-    """A renewed identity: what the renewer installs."""
-
-    identity: TLSIdentity
-    mesh: MeshView
 
 
 # -- the proxy's side -------------------------------------------------------------------------
@@ -103,6 +65,8 @@ class Pending:
     modules and config (two cores do both at once), read with ``result``."""
 
     def __init__(self, mode: str, request: Mapping[str, Any]) -> None:
+        import subprocess
+
         self.mode = mode
         argv = [sys.executable, "-m", "meshproxy.runtime._agent", mode]
         try:
@@ -115,6 +79,8 @@ class Pending:
         self._done = False
 
     def result(self, timeout: float) -> dict[str, Any]:
+        import subprocess
+
         try:
             out, _ = self._proc.communicate(self._input, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -271,7 +237,8 @@ def begin_activation(config: Path, cfg: MarbleConfig | None = None) -> Forked:
 
 def activate(config: Path, timeout: float, *, pending: Pending | None = None) -> Activated:
     """Activate in the agent (blocking; with the config's retries)."""
-    from meshproxy.runtime._renew import Lease
+    from meshproxy.runtime._activated import Activated
+    from meshproxy.runtime._lease import Lease
 
     pending = pending or begin_activation(config)
     doc = pending.result(timeout + AGENT_TIMEOUT_SLACK)
@@ -297,7 +264,8 @@ def activate(config: Path, timeout: float, *, pending: Pending | None = None) ->
 def renew(config: Path, uuid: str, root_pem: bytes, timeout: float) -> tuple[Lease, Renewal]:
     """Renew in the agent (blocking): a fresh key, CSR and quote."""
     request = {"config": str(config), "uuid": uuid, "root_pem": root_pem.decode()}
-    from meshproxy.runtime._renew import Lease
+    from meshproxy.runtime._activated import Renewal
+    from meshproxy.runtime._lease import Lease
 
     doc = _call("renew", request, timeout + AGENT_TIMEOUT_SLACK)
     try:
@@ -351,66 +319,13 @@ def _identity(doc: Mapping[str, Any]) -> TLSIdentity:
 
 
 def _mesh(doc: Mapping[str, Any]) -> MeshView:
+    from meshproxy.runtime._activated import MeshView
+
     return MeshView(
         trust_domain=str(doc["trust_domain"]),
         allow={str(k): tuple(str(x) for x in v) for k, v in doc["allow"].items()},
         routes={str(k): tuple(v) for k, v in doc["routes"].items()},
     )
-
-
-@dataclass(frozen=True)
-class AgentRenewal:
-    """How the running proxy renews (through the agent) and learns of updates."""
-
-    config: Path
-    uuid: str
-    root_pem: bytes
-    host: str  # the coordinator's mesh API
-    port: int
-    timeout: float = 10.0
-
-    def renew(self) -> Renewed:
-        from meshproxy.runtime._renew import Renewed
-
-        lease, renewal = renew(self.config, self.uuid, self.root_pem, self.timeout)
-        return Renewed(lease, renewal)
-
-    def current_intermediate(self) -> str | None:
-        """The SHA-256 fingerprint of the cluster's current intermediate, from the mesh
-        API's ``GET /api/v2/status``; None from a coordinator that does not say.
-
-        Blocking (a thread). HTTPS pinned to the root as ``client.Connection`` does, with
-        the stdlib only: the proxy does not load the coordinator client for a poll."""
-        import http.client
-        import ssl
-
-        from meshproxy.coordinator import _wire as wire
-
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False  # the identity is the pinned root itself, checked below
-        ctx.load_verify_locations(cadata=self.root_pem.decode())
-        where = f"coordinator {self.host}:{self.port}"
-        conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
-                                           context=ctx)  # fmt: skip
-        try:
-            conn.connect()
-            presented = conn.sock.getpeercert(binary_form=True) if conn.sock else None
-            if presented != ssl.PEM_cert_to_DER_cert(self.root_pem.decode()):
-                raise errors.PKIError(f"{where} does not present the pinned root certificate")
-            conn.request("GET", wire.MESH_PATHS["status"])
-            raw = conn.getresponse().read()
-        except (OSError, http.client.HTTPException) as exc:
-            raise ConnectError(f"cannot reach {where}: {exc}") from None
-        finally:
-            conn.close()
-        try:
-            doc = json.loads(raw)
-            value = doc["data"].get("intermediate") if doc.get("status") == "success" else None
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
-            raise ConnectError(f"{where} answered a status that is not JSend") from None
-        if value is not None and not isinstance(value, str):
-            raise ConnectError(f"{where}: status.intermediate is not text")
-        return value
 
 
 # -- the agent's side -------------------------------------------------------------------------

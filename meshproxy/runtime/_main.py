@@ -39,7 +39,7 @@ from meshproxy.proxy import (
     ProxyMetrics,
 )
 from meshproxy.runtime import _agent
-from meshproxy.runtime._agent import Activated, AgentRenewal, MeshView, Renewal
+from meshproxy.runtime._activated import Activated, AgentRenewal, MeshView, Renewal
 from meshproxy.runtime._app import Supervisor, app_environment, become_subreaper
 from meshproxy.runtime._renew import Lease, Renewed, Renewer
 from meshproxy.tls import (
