@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import stat
 import sys
 import types
@@ -23,6 +24,7 @@ from meshproxy.attestation import (
     SimulationPlatform,
     SimulationProvider,
     _enclave,
+    _tree,
     check_measurement,
     check_package,
     load_description,
@@ -220,12 +222,103 @@ def test_meshproxy_entry_measures_the_package_tree(
     desc = load_description(d / "enclave.yaml")
     signed = sign_description(desc, key)
     assert [entry for entry, _ in signed.files] == ["meshproxy"]
-    (pkg / "sub" / "__pycache__" / "other.pyc").write_bytes(b"ignored")
     (pkg / "notes.txt").write_text("not code")
     check_measurement(signed, d)
     (pkg / "sub" / "new.py").write_text("evil = True\n")
     with pytest.raises(AttestationError, match="installed meshproxy package changed"):
         check_measurement(signed, d)
+
+
+def _pyc(source: str, header: bytes) -> bytes:
+    import marshal
+
+    return header.ljust(16, b"\0") + marshal.dumps(compile(source, "mod.py", "exec"))
+
+
+def _stamp(source: Path, *, mtime_offset: int = 0) -> bytes:
+    """A timestamp pyc header for ``source`` (valid with offset 0, stale otherwise)."""
+    import importlib.util
+
+    st = source.stat()
+    mtime = (int(st.st_mtime) + mtime_offset) & 0xFFFFFFFF
+    return (
+        importlib.util.MAGIC_NUMBER + bytes(4) + mtime.to_bytes(4, "little")
+        + (st.st_size & 0xFFFFFFFF).to_bytes(4, "little")
+    )  # fmt: skip
+
+
+def test_bytecode_that_would_load_is_measured(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, key: ec.EllipticCurvePrivateKey
+) -> None:
+    """Python runs a cached .pyc instead of its source when the header matches, and the
+    header does not bind the code: swapped, added or stray bytecode changes the
+    measurement; another install's timestamps do not."""
+    pkg = tmp_path / "pkg"
+    (pkg / "__pycache__").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    source = pkg / "mod.py"
+    source.write_text("x = 1\n")
+    pyc = pkg / "__pycache__" / "mod.cpython-311.pyc"
+    pyc.write_bytes(_pyc("x = 1\n", _stamp(source)))
+    monkeypatch.setattr(_enclave, "_package_dir", lambda: pkg)
+    d = tmp_path / "app"
+    d.mkdir()
+    (d / "enclave.yaml").write_text(DESCRIPTION.replace("[app.py, conf/app.yaml]", "[meshproxy]"))
+    signed = sign_description(load_description(d / "enclave.yaml"), key)
+    os.utime(source, (1_700_000_000, 1_700_000_000))  # installed elsewhere: other mtimes
+    pyc.write_bytes(_pyc("x = 1\n", _stamp(source)))
+    check_measurement(signed, d)
+    for path, data in (
+        (pyc, _pyc("x = 'evil'\n", _stamp(source))),  # other code under a valid header
+        (pkg / "__pycache__" / "new.cpython-311.opt-1.pyc", _pyc("", b"")),  # added
+        (pkg / "stray.pyc", _pyc("", b"")),  # sourceless bytecode imports too
+    ):
+        before = path.read_bytes() if path.exists() else None
+        path.write_bytes(data)
+        with pytest.raises(AttestationError, match="installed meshproxy package changed"):
+            check_measurement(signed, d)
+        if before is None:
+            path.unlink()
+        else:
+            path.write_bytes(before)
+    check_measurement(signed, d)
+
+
+def test_a_stale_pyc_cannot_be_brought_to_run_by_its_header(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, key: ec.EllipticCurvePrivateKey
+) -> None:
+    """Bytecode of old code left next to a newer source was signed as not running;
+    rewriting its header so that it would run changes the measurement."""
+    pkg = tmp_path / "pkg"
+    (pkg / "__pycache__").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    source = pkg / "mod.py"
+    source.write_text("fixed = True\n")
+    pyc = pkg / "__pycache__" / "mod.cpython-311.pyc"
+    pyc.write_bytes(_pyc("fixed = False\n", _stamp(source, mtime_offset=-60)))  # stale
+    monkeypatch.setattr(_enclave, "_package_dir", lambda: pkg)
+    d = tmp_path / "app"
+    d.mkdir()
+    (d / "enclave.yaml").write_text(DESCRIPTION.replace("[app.py, conf/app.yaml]", "[meshproxy]"))
+    signed = sign_description(load_description(d / "enclave.yaml"), key)
+    check_measurement(signed, d)
+    pyc.write_bytes(_pyc("fixed = False\n", _stamp(source)))  # now it would run
+    with pytest.raises(AttestationError, match="installed meshproxy package changed"):
+        check_measurement(signed, d)
+
+
+def test_meshproxy_processes_write_no_bytecode() -> None:
+    """What a start loads would otherwise add bytecode after signing (attestation._tree),
+    also where the environment does not say PYTHONDONTWRITEBYTECODE."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, meshproxy; print(sys.dont_write_bytecode)"],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert out.stdout.strip() == "True"
 
 
 def test_signed_enclave_attests_end_to_end(
@@ -314,3 +407,28 @@ def test_cli_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
         meshproxy.cli.main(argv)
     assert info.value.code == 0
     assert "usage: meshproxy" in capsys.readouterr().out
+
+
+def test_a_digest_sent_by_the_proxy_is_used_once(tmp_path: Path) -> None:
+    """meshproxy run measures the package in the proxy while its agent loads its modules;
+    the agent uses that digest once, and a later measurement hashes the files again."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("x = 1\n")
+    (pkg / "mod.py").write_text("y = 2\n")
+    first = _tree.package_digest(pkg)
+    read, write = os.pipe()
+    _tree.send_digest(pkg, write)
+    (pkg / "mod.py").write_text("y = 3\n")  # after the proxy measured
+    _tree.expect_digest(pkg, read)
+    assert _tree.package_digest(pkg) == first  # what was measured, sent
+    assert _tree.package_digest(pkg) != first  # spent: the files are read again
+
+
+def test_when_the_proxy_cannot_measure_the_agent_measures_and_reports(tmp_path: Path) -> None:
+    missing = tmp_path / "gone"
+    read, write = os.pipe()
+    _tree.send_digest(missing, write)
+    _tree.expect_digest(missing, read)
+    with pytest.raises(FileNotFoundError):
+        _tree.package_digest(missing)

@@ -73,3 +73,46 @@ def test_under_gramine_the_proxy_installs_the_sealing_key_in_its_own_process(
 
     with pytest.raises(CoordinatorError, match="no sealing key"):
         _install_sealing_key(cfg, dataclasses.replace(activated, sealing_key=None))
+
+
+def _marble_config(tmp_path: Path) -> Path:
+    """A simulated marble whose signed enclave file is missing: the agent stops there."""
+    import yaml
+
+    doc = {
+        "coordinator": {"address": "127.0.0.1:1", "activation_timeout": "1s"},
+        "marble": {"type": "web"},
+        "attestation": {"provider": "simulation", "enclave": "absent.signed.json"},
+        "workdir": "run",
+    }
+    path = tmp_path / "marble.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_an_agent_forked_before_the_config_gets_it_from_the_proxy(tmp_path: Path) -> None:
+    """meshproxy run forks the agent first and parses the config meanwhile: the agent
+    works from what the proxy parsed, not from the file (gone here by then)."""
+    from meshproxy.config._marble import load_marble_document
+
+    path = _marble_config(tmp_path)
+    pending = _agent.begin_activation(path)
+    cfg, document = load_marble_document(path)
+    path.unlink()
+    pending.configure(cfg, document)
+    with pytest.raises(ConfigError, match=r"absent\.signed\.json"):
+        _agent.activate(path, 10, pending=pending)
+
+
+def test_a_config_that_is_not_json_makes_the_agent_read_the_file(tmp_path: Path) -> None:
+    import datetime
+
+    from meshproxy.config._marble import load_marble_document
+
+    path = _marble_config(tmp_path)
+    pending = _agent.begin_activation(path)
+    cfg, document = load_marble_document(path)
+    path.unlink()
+    pending.configure(cfg, {**document, "value": {"when": datetime.date(2026, 1, 1)}})
+    with pytest.raises(ConfigError, match=r"marble\.yaml: file not found"):
+        _agent.activate(path, 10, pending=pending)

@@ -12,7 +12,7 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from importlib import resources
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -40,7 +40,9 @@ class TrustAnchor:
 @functools.cache
 def intel_anchor() -> TrustAnchor:
     """Intel's SGX Root CA (the DER shipped in this package)."""
-    der = resources.files(__package__).joinpath("intel_root.der").read_bytes()
+    # Next to this module: part of the measured package (an importlib.resources lookup
+    # would load that machinery for one file that is always a plain file here).
+    der = (Path(__file__).parent / "intel_root.der").read_bytes()
     return TrustAnchor("intel", x509.load_der_x509_certificate(der), False, INTEL_QE_VENDOR_ID)
 
 

@@ -3,11 +3,11 @@
 UniqueID (MRENCLAVE's stand-in) is SHA-256 over a length-prefixed, domain-separated
 encoding of name, ProductID, SecurityVersion, debug and the sorted (file, SHA-256) list.
 The entry ``meshproxy`` stands for the installed meshproxy package: one digest over every
-code file under it (and the trust anchors shipped with it). SignerID is SHA-256 of the
-signer's SubjectPublicKeyInfo DER. The signed JSON is self-checking: ``load_signed``
-verifies the signature, the SignerID and that UniqueID follows from the file list, so a
-file that loads is one the signer vouched for; ``check_measurement`` then compares it with
-the files on disk.
+code file under it, its bytecode and the trust anchors shipped with it (``_tree``).
+SignerID is SHA-256 of the signer's SubjectPublicKeyInfo DER. The signed JSON is
+self-checking: ``load_signed`` verifies the signature, the SignerID and that UniqueID
+follows from the file list, so a file that loads is one the signer vouched for;
+``check_measurement`` then compares it with the files on disk.
 """
 
 from __future__ import annotations
@@ -18,27 +18,23 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Protocol
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
-import meshproxy
 from meshproxy.attestation._quote import EnclaveIdentity
+from meshproxy.attestation._tree import package_digest, package_dir, put
 from meshproxy.config import Node, load_file
 from meshproxy.errors import AttestationError, ConfigError
 
 MESHPROXY_ENTRY = "meshproxy"
 _MEASURE_DOMAIN = b"meshproxy-enclave-measurement/v1"
-_PACKAGE_DOMAIN = b"meshproxy-package-tree/v1"
 _SIGN_DOMAIN = b"meshproxy-signed-enclave/v1\n"
-_PACKAGE_SUFFIXES = (".py", ".so", ".pyi", ".der")
 _DESC_KEYS = ("name", "product_id", "security_version", "debug", "files")
 _SIGNED_KEYS = (
     *("name", "unique_id", "signer_id", "product_id", "security_version", "debug", "files"),
@@ -156,7 +152,7 @@ def _entry_problem(entry: str) -> str | None:
 
 def _entry_digest(base: Path, entry: str) -> str | None:
     if entry == MESHPROXY_ENTRY:
-        return _package_digest(_package_dir())
+        return package_digest(_package_dir())
     try:
         with (base / entry).open("rb") as f:
             return hashlib.file_digest(f, "sha256").hexdigest()
@@ -165,76 +161,24 @@ def _entry_digest(base: Path, entry: str) -> str | None:
 
 
 def _package_dir() -> Path:
-    return Path(meshproxy.__file__).parent
-
-
-def _package_digest(root: Path) -> str:
-    # Every start re-measures the package (a changed file must stop it): with str paths
-    # and os.scandir this takes a few ms, where pathlib's rglob took ~15 ms of the start.
-    base = str(root)
-    h = hashlib.sha256()
-    _put(h, _PACKAGE_DOMAIN)
-    for rel in _package_files(root):
-        with open(os.path.join(base, rel), "rb") as f:
-            data = f.read()
-        _put(h, rel.encode())
-        _put(h, hashlib.sha256(data).digest())
-    return h.hexdigest()
-
-
-def _package_files(root: Path) -> list[str]:
-    """The package's measured files as sorted relative POSIX paths: regular files (or links
-    to them) whose suffix is one of _PACKAGE_SUFFIXES, outside ``__pycache__``, found
-    without entering linked directories (what ``root.rglob("*")`` and ``is_file`` select)."""
-    if "__pycache__" in root.parts:
-        return []
-    out: list[str] = []
-    pending = [""]
-    while pending:
-        rel = pending.pop()
-        with os.scandir(os.path.join(str(root), rel)) as entries:
-            for entry in entries:
-                name = entry.name
-                sub = f"{rel}/{name}" if rel else name
-                if entry.is_dir():
-                    if name != "__pycache__" and not entry.is_symlink():
-                        pending.append(sub)
-                elif _measured_name(name) and entry.is_file():
-                    out.append(sub)
-    out.sort()
-    return out
-
-
-def _measured_name(name: str) -> bool:
-    """pathlib's ``suffix in _PACKAGE_SUFFIXES``: the last dot, not the first character."""
-    dot = name.rfind(".")
-    return 0 < dot < len(name) - 1 and name[dot:] in _PACKAGE_SUFFIXES
+    return package_dir()
 
 
 def _unique_id(
     name: str, product_id: int, svn: int, debug: bool, files: Iterable[tuple[str, str]]
 ) -> bytes:
     h = hashlib.sha256()
-    _put(h, _MEASURE_DOMAIN)
-    _put(h, name.encode())
-    _put(h, product_id.to_bytes(2, "little"))
-    _put(h, svn.to_bytes(2, "little"))
-    _put(h, b"\x01" if debug else b"\x00")
+    put(h, _MEASURE_DOMAIN)
+    put(h, name.encode())
+    put(h, product_id.to_bytes(2, "little"))
+    put(h, svn.to_bytes(2, "little"))
+    put(h, b"\x01" if debug else b"\x00")
     ordered = sorted(files)
-    _put(h, len(ordered).to_bytes(8, "big"))
+    put(h, len(ordered).to_bytes(8, "big"))
     for entry, digest in ordered:
-        _put(h, entry.encode())
-        _put(h, bytes.fromhex(digest))
+        put(h, entry.encode())
+        put(h, bytes.fromhex(digest))
     return h.digest()
-
-
-class _Hash(Protocol):
-    def update(self, data: bytes, /) -> None: ...
-
-
-def _put(h: _Hash, data: bytes) -> None:
-    h.update(len(data).to_bytes(8, "big"))
-    h.update(data)
 
 
 # -- signing ---------------------------------------------------------------------------
@@ -295,6 +239,8 @@ def _document(signed: SignedEnclave) -> dict[str, object]:
 def write_signed(signed: SignedEnclave, path: Path) -> None:
     path = Path(path)
     data = json.dumps(_document(signed), indent=2, sort_keys=True).encode() + b"\n"
+    import tempfile  # signing only
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -16,8 +16,6 @@ import errno
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Protocol
@@ -114,6 +112,9 @@ class SimulationPlatform:
         if directory.is_dir() and any(directory.iterdir()):
             return cls.load(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
+        import shutil  # creating a platform is rare: not loaded to load one
+        import tempfile
+
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.new-", dir=directory.parent))
         try:
             _write_new_platform(tmp, now)

@@ -26,7 +26,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -34,9 +34,11 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from meshproxy.attestation import _cbor, _der
 from meshproxy.attestation._chain import TrustAnchor, fail
-from meshproxy.attestation._collateral import Collateral
 from meshproxy.attestation._platform import SIM_VENDOR_ID
 from meshproxy.attestation._verify import VerifiedQuote, verify_quote
+
+if TYPE_CHECKING:
+    from meshproxy.attestation._collateral import Collateral
 
 RATLS_EVIDENCE_OID = x509.ObjectIdentifier("2.23.133.5.4.9")
 LEGACY_QUOTE_OID = "1.2.840.113741.1337.6"

@@ -16,7 +16,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -33,7 +33,6 @@ from meshproxy.attestation._chain import (
     p256_key,
     select_anchors,
 )
-from meshproxy.attestation._collateral import Collateral, assess_collateral
 from meshproxy.attestation._platform import SIM_VENDOR_ID, SimulationPlatform
 from meshproxy.attestation._quote import (
     CERT_TYPE_PCK_CHAIN,
@@ -42,6 +41,9 @@ from meshproxy.attestation._quote import (
     parse_quote,
 )
 from meshproxy.errors import AttestationError
+
+if TYPE_CHECKING:  # collateral is loaded only to evaluate some (a quote's TCB)
+    from meshproxy.attestation._collateral import Collateral
 
 __all__ = [
     "INTEL_QE_VENDOR_ID",
@@ -141,6 +143,8 @@ def verify_quote(
     status = "Simulated" if anchor.simulated else "NotEvaluated"
     advisories: tuple[str, ...] = ()
     if collateral is not None:
+        from meshproxy.attestation._collateral import assess_collateral
+
         tcb = assess_collateral(collateral, q.qe_report, pck_path, anchor, now)
         status, advisories = tcb.status, tcb.advisories
     return VerifiedQuote(

@@ -62,21 +62,41 @@ def app_argv(raw: list[str]) -> list[str]:
 # Modules both the proxy and the attestation agent load: imported once, before the fork,
 # instead of once in each process after it (the two share one CPU on a small node). Only
 # these: the agent's own (cryptography, attestation, the coordinator client) stay out of
-# the long-lived proxy, and the proxy's own (asyncio, uvloop, the data plane) come after
-# the fork, while the agent attests.
+# the long-lived proxy, and the proxy's own (PyYAML for the config file, asyncio, uvloop,
+# the data plane) come after the fork, while the agent attests.
 _SHARED = ("ctypes", "ssl", "meshproxy.config", "meshproxy._log")
 
 
 def _run(args: argparse.Namespace) -> int:
+    import gc
     import importlib
 
-    for name in _SHARED:
-        importlib.import_module(name)
-    # The attestation agent starts first: it attests while this process loads the data
-    # plane's modules (meshproxy.runtime._agent).
-    from meshproxy.runtime._agent import begin_activation
+    # No cyclic garbage collection while starting: every object made now lives as long as
+    # the process, and scanning them again and again was ~10 % of a start's CPU. The agent
+    # (a fork) exits when it has attested; the proxy collects again once it serves
+    # (runtime._main.serve).
+    gc.disable()
+    try:
+        for name in _SHARED:
+            importlib.import_module(name)
+        # The attestation agent starts first: it loads what it attests with while this
+        # process parses the config (PyYAML is loaded here only), which it then hands to
+        # the agent, and loads the data plane's modules (meshproxy.runtime._agent).
+        from meshproxy.runtime._agent import begin_activation
 
-    pending = begin_activation(args.config)
-    from meshproxy.runtime import run
+        pending = begin_activation(args.config)
+        try:
+            from meshproxy._log import setup as setup_logging
+            from meshproxy.config._marble import load_marble_document
 
-    return run(args.config, app_argv(list(args.argv)), pending=pending)
+            cfg, document = load_marble_document(args.config)
+            setup_logging(cfg.log.level, cfg.log.format)
+            pending.configure(cfg, document)
+        except BaseException:
+            pending.cancel()
+            raise
+        from meshproxy.runtime import run
+
+        return run(args.config, app_argv(list(args.argv)), pending=pending, cfg=cfg)
+    finally:
+        gc.enable()

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from meshproxy.config._strict import Node, load_file, parse_duration
-from meshproxy.errors import PolicyError
+from meshproxy.errors import ConfigError, PolicyError
 from meshproxy.pki import check_marble_type
 
 if TYPE_CHECKING:
@@ -162,8 +163,24 @@ class MarbleConfig:
 
 
 def load_marble_config(path: str | Path) -> MarbleConfig:
+    return load_marble_document(path)[0]
+
+
+def load_marble_document(path: str | Path) -> tuple[MarbleConfig, dict[str, Any]]:
+    """The config, and the document it was made from (``value``: as parsed from the
+    file, ``base_dir``, ``source``), of which ``from_marble_document`` makes the same
+    config: how ``meshproxy run`` hands its config to its attestation agent as JSON."""
     p = Path(path)
-    return parse_marble_config(load_file(p), base_dir=p.resolve().parent, source=p)
+    root = load_file(p)
+    base_dir = p.resolve().parent
+    cfg = parse_marble_config(root, base_dir=base_dir, source=p)
+    return cfg, {"value": root.value, "base_dir": str(base_dir), "source": str(p)}
+
+
+def from_marble_document(doc: Mapping[str, Any]) -> MarbleConfig:
+    source = Path(doc["source"])
+    root = Node(doc["value"], source.name, "", ConfigError)
+    return parse_marble_config(root, base_dir=Path(doc["base_dir"]), source=source)
 
 
 def parse_marble_config(root: Node, *, base_dir: Path, source: Path) -> MarbleConfig:

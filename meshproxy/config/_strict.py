@@ -9,35 +9,42 @@ refused with the nearest valid key suggested:
 from __future__ import annotations
 
 import builtins
-import difflib
+import functools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
-
-import yaml
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from meshproxy.errors import ConfigError, MeshError
 
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (a silent overwrite hides typos)."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
+if TYPE_CHECKING:
+    import yaml
 
 
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+@functools.cache
+def _strict_loader() -> type[yaml.SafeLoader]:
+    """SafeLoader that refuses duplicate keys (a silent overwrite hides typos). Made on
+    first use: PyYAML is loaded only to parse YAML (JSON documents do without it, and the
+    attestation agent of ``meshproxy run`` gets its config as JSON)."""
+    import yaml
+
+    class _StrictLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return loader.construct_mapping(node, deep=deep)
+
+    _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return _StrictLoader
 
 
 def parse_document(data: bytes, source: str, error: type[MeshError] = ConfigError) -> Any:
@@ -52,8 +59,11 @@ def parse_document(data: bytes, source: str, error: type[MeshError] = ConfigErro
             return json.loads(text, object_pairs_hook=_json_pairs(source, error))
         except json.JSONDecodeError as exc:
             raise error(f"{source}: line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    loader = _strict_loader()
+    import yaml
+
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (strict SafeLoader subclass)
+        return yaml.load(text, Loader=loader)  # noqa: S506 (strict SafeLoader subclass)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
@@ -83,6 +93,13 @@ def load_file(path: str | Path, error: type[MeshError] = ConfigError) -> Node:
     except OSError as exc:
         raise error(f"{p}: cannot read: {exc.strerror}") from None
     return Node(parse_document(data, p.name, error), p.name, "", error)
+
+
+def _close_matches(word: str, options: Iterable[str], n: int = 3, cutoff: float = 0.6) -> list[str]:
+    """``difflib.get_close_matches``, loaded only for a mistake (not on every start)."""
+    import difflib
+
+    return difflib.get_close_matches(word, list(options), n=n, cutoff=cutoff)
 
 
 @dataclass(frozen=True)
@@ -138,9 +155,9 @@ class Node:
             if key not in allowed and case_insensitive and key.lower() in canon:
                 name = canon[key.lower()]
             if name not in allowed:
-                hint = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+                hint = _close_matches(key, allowed, n=1, cutoff=0.6)
                 if not hint and case_insensitive:
-                    low = difflib.get_close_matches(key.lower(), list(canon), n=1, cutoff=0.6)
+                    low = _close_matches(key.lower(), list(canon), n=1, cutoff=0.6)
                     hint = [canon[low[0]]] if low else []
                 suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
                 self._child(key, value).fail_here(f"unknown key {key!r}{suggestion}")
@@ -204,7 +221,7 @@ class Node:
         options = list(options)
         value = self.str()
         if value not in options:
-            hint = difflib.get_close_matches(value, options, n=1)
+            hint = _close_matches(value, options, n=1)
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
             self.fail(f"must be one of {', '.join(options)}; got {value!r}{suggestion}")
         return value

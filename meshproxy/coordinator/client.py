@@ -36,7 +36,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -44,13 +44,11 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from meshproxy._redact import Secret
 from meshproxy.attestation import (
-    Collateral,
-    CoordinatorPolicy,
     QuoteProvider,
     SimulationPlatform,
+    SimulationProvider,
     TrustAnchor,
     VerifiedQuote,
-    check_coordinator,
     default_platform_dir,
     intel_anchor,
     ratls_report_data,
@@ -65,8 +63,11 @@ from meshproxy.errors import (
     PKIError,
     PolicyError,
 )
-from meshproxy.manifest import RouteRule
 from meshproxy.pki import cert_to_pem, certs_from_pem, make_csr, public_der, verify_issued_by
+
+if TYPE_CHECKING:  # loaded where used: an activation needs neither policy nor collateral
+    from meshproxy.attestation import Collateral, CoordinatorPolicy
+    from meshproxy.manifest import RouteRule  # only for a reply that has routes
 
 
 def parse_address(text: str, where: str = "coordinator address") -> tuple[str, int]:
@@ -95,6 +96,8 @@ def _mesh_policy(mesh: Mapping[str, Any]) -> MeshPolicy:
     """The ``mesh`` object of an activation or renewal reply (``routes`` may be absent)."""
     routes: dict[str, tuple[RouteRule, ...]] = {}
     for marble, rules in (mesh.get("routes") or {}).items():
+        from meshproxy.manifest import RouteRule
+
         routes[str(marble)] = tuple(
             RouteRule(
                 path=str(r["path"]) if r.get("path") is not None else None,
@@ -174,15 +177,41 @@ class Connection:
 
     @contextlib.contextmanager
     def kept_open(self) -> Iterator[Connection]:
-        """Requests inside share one TLS connection (one handshake), closed at the end."""
+        """Requests inside share one TLS connection (one handshake), closed at the end of
+        the outermost ``kept_open``."""
+        outer = self._keep
         self._keep = True
         try:
             yield self
         finally:
-            self._keep = False
-            if self._kept is not None:
-                self._kept.close()
-                self._kept = None
+            if not outer:
+                self._keep = False
+                if self._kept is not None:
+                    self._kept.close()
+                    self._kept = None
+
+    def pin(self, root: x509.Certificate, *, now: datetime | None = None) -> None:
+        """Pin ``root`` (verified by the caller, e.g. through the coordinator's quote).
+
+        A connection kept open from before (``kept_open``) stays in use only when the
+        certificate it was handshaken with is ``root`` itself and ``root`` is valid now:
+        what a new connection pinned to ``root`` checks (its handshake proved the
+        coordinator holds the key of the certificate it presented; TLS checks that
+        signature whatever the verify mode)."""
+        self.root = root
+        kept = self._kept
+        if kept is None:
+            return
+        presented = kept.sock.getpeercert(binary_form=True) if kept.sock else None
+        now = now or datetime.now(UTC)
+        if presented != root.public_bytes(Encoding.DER) or not (
+            root.not_valid_before_utc <= now <= root.not_valid_after_utc
+        ):
+            self._kept = None
+            kept.close()
+            raise PKIError(
+                f"coordinator {self.address} does not present the pinned root certificate"
+            )
 
     def _context(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -279,11 +308,20 @@ def _reason(exc: BaseException) -> str:
 
 # -- trust ----------------------------------------------------------------------------------
 def anchors_for(
-    accept_simulation: bool, platform_dir: Path | None, now: datetime
+    accept_simulation: bool,
+    platform_dir: Path | None,
+    now: datetime,
+    *,
+    loaded: SimulationPlatform | None = None,
 ) -> list[TrustAnchor]:
+    """Intel's root, and with ``accept_simulation`` the simulated platform's (``loaded``
+    when it is that directory's, already loaded by the caller's quote provider)."""
     anchors = [intel_anchor()]
     if accept_simulation:
         directory = platform_dir or default_platform_dir()
+        if loaded is not None and Path(loaded.directory) == Path(directory):
+            anchors.append(simulation_anchor(loaded))
+            return anchors
         if not directory.is_dir():
             raise AttestationError(
                 f"no simulated platform at {directory}: a simulated coordinator can only be "
@@ -305,12 +343,30 @@ def fetch_evidence(
 ) -> ClusterEvidence:
     """Verify the coordinator's quote over a fresh nonce; return the root it binds. With
     Intel ``collateral`` a hardware quote's TCB status is evaluated too."""
+    return _evidence(
+        Connection(address, None, timeout),
+        accept_simulation=accept_simulation,
+        platform_dir=platform_dir,
+        now=now,
+        collateral=collateral,
+    )
+
+
+def _evidence(
+    conn: Connection,
+    *,
+    accept_simulation: bool,
+    platform_dir: Path | None,
+    now: datetime | None = None,
+    collateral: Collateral | None = None,
+    loaded: SimulationPlatform | None = None,
+) -> ClusterEvidence:
+    """``fetch_evidence`` over ``conn`` (unpinned; kept open by a caller that pins it)."""
+    address = conn.address
     now = now or datetime.now(UTC)
     nonce = os.urandom(32)
     q = base64.urlsafe_b64encode(nonce).decode().rstrip("=")
-    data = Connection(address, None, timeout).request(
-        "GET", f"{wire.CLIENT_PATHS['quote']}?nonce={q}"
-    )
+    data = conn.request("GET", f"{wire.CLIENT_PATHS['quote']}?nonce={q}")
     try:
         certs = certs_from_pem(str(data["cert"]).encode(), "coordinator certificate chain")
         quote = wire.b64d(data["quote"], "quote")
@@ -320,7 +376,7 @@ def fetch_evidence(
         raise PKIError(f"coordinator {address} sent {len(certs)} certificates, expected 2")
     intermediate, root = certs
     try:
-        anchors = anchors_for(accept_simulation, platform_dir, now)
+        anchors = anchors_for(accept_simulation, platform_dir, now, loaded=loaded)
         verified = verify_quote(quote, anchors, now=now, collateral=collateral)
     except AttestationError as exc:
         if exc.check == "vendor" and not accept_simulation:
@@ -405,28 +461,33 @@ def activate(
     """One activation attempt (ARCHITECTURE section 5). Blocking. Without a pinned
     ``root`` the coordinator's quote is verified, and its identity checked against
     ``policy`` (a ``PolicyError`` naming the field: not worth retrying)."""
-    if root is None:
-        evidence = fetch_evidence(
-            address,
-            accept_simulation=accept_simulation,
-            platform_dir=platform_dir,
-            timeout=timeout,
+    conn = Connection(address, root, timeout)
+    with conn.kept_open():  # quote, nonce and activation: one TLS connection
+        if root is None:
+            evidence = _evidence(
+                conn,
+                accept_simulation=accept_simulation,
+                platform_dir=platform_dir,
+                loaded=provider.platform if isinstance(provider, SimulationProvider) else None,
+            )
+            if policy is not None:
+                from meshproxy.attestation import check_coordinator
+
+                try:
+                    check_coordinator(evidence.verified, policy)
+                except PolicyError as exc:
+                    raise PolicyError(f"coordinator {address} refused by policy: {exc}") from None
+            root = evidence.root
+            conn.pin(root)
+        data = _post_attested(
+            conn,
+            "activate",
+            marble_type=marble_type,
+            instance=instance,
+            key=key,
+            dns_names=dns_names,
+            provider=provider,
         )
-        if policy is not None:
-            try:
-                check_coordinator(evidence.verified, policy)
-            except PolicyError as exc:
-                raise PolicyError(f"coordinator {address} refused by policy: {exc}") from None
-        root = evidence.root
-    data = _post_attested(
-        Connection(address, root, timeout),
-        "activate",
-        marble_type=marble_type,
-        instance=instance,
-        key=key,
-        dns_names=dns_names,
-        provider=provider,
-    )
     try:
         leaf = certs_from_pem(data["certificate"].encode())[0]
         intermediate = certs_from_pem(data["intermediate"].encode())[0]

@@ -43,11 +43,12 @@ def quote_provider(cfg: MarbleConfig) -> QuoteProvider:
         check_measurement,
         default_platform_dir,
         load_signed,
-        provider_for,
     )
 
     att = cfg.attestation
     if att.provider != "simulation":
+        from meshproxy.attestation import provider_for
+
         provider = provider_for(att.provider, device_root=att.device_dir)
         log.info(
             "hardware quote provider",
@@ -210,6 +211,8 @@ def install_sealing_key(provider: QuoteProvider, activation: Activation) -> None
     """Under Gramine, give the encrypted mounts of ``enclave gramine-manifest`` (key name
     ``SEAL_KEY_NAME``) the marble's virtual sealing key, before the app can open them.
     Other providers have no such interface: the key is not used there."""
+    if provider.name != "gramine":  # decided before loading the providers and templates
+        return
     from meshproxy.attestation import SEAL_KEY_NAME, GramineProvider
 
     if not isinstance(provider, GramineProvider):

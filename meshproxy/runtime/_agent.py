@@ -21,11 +21,9 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,64 +32,31 @@ from meshproxy._redact import Secret
 from meshproxy.errors import ConnectError, MeshError
 
 if TYPE_CHECKING:
-    from meshproxy.manifest import RouteRule
-    from meshproxy.runtime._renew import Lease, Renewed
+    from meshproxy.config import MarbleConfig
+    from meshproxy.runtime._activated import Activated, AgentRenewal, MeshView, Renewal
+    from meshproxy.runtime._lease import Lease
     from meshproxy.tls import TLSIdentity
+
+__all__ = ["Activated", "AgentRenewal", "Forked", "MeshView", "Pending", "Renewal"]
 
 # Loaded by the proxy's side on first use, not at import: ``meshproxy run`` imports this
 # module before forking the agent, and the agent needs neither asyncio (``_renew``) nor
-# the TLS backends; the sooner the fork, the sooner attesting starts.
+# the TLS backends nor what the proxy serves with (``_activated``, re-exported here); the
+# sooner the fork, the sooner attesting starts.
+_ACTIVATED = ("Activated", "AgentRenewal", "MeshView", "Renewal")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ACTIVATED:
+        from meshproxy.runtime import _activated
+
+        return getattr(_activated, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+log = logging.getLogger("meshproxy.runtime")
 
 AGENT_TIMEOUT_SLACK = 30.0  # beyond the activation timeout, before the agent is killed
-
-
-@dataclass(frozen=True)
-class MeshView:
-    """The manifest's mesh policy as the data plane needs it (``MeshPolicy``'s interface)."""
-
-    trust_domain: str
-    allow: Mapping[str, tuple[str, ...]]
-    routes: Mapping[str, tuple[Mapping[str, Any], ...]] = field(default_factory=dict)
-
-    def callers_of(self, marble_type: str) -> tuple[str, ...]:
-        return self.allow.get(marble_type, ())
-
-    def routes_of(self, marble_type: str) -> tuple[RouteRule, ...]:
-        from meshproxy.manifest import RouteRule  # only HTTP listeners have routes
-
-        return tuple(
-            RouteRule(
-                path=r["path"],
-                path_prefix=r["path_prefix"],
-                methods=tuple(r["methods"]),
-                allow=tuple(r["allow"]),
-            )
-            for r in self.routes.get(marble_type, ())
-        )
-
-
-@dataclass(frozen=True)
-class Activated:
-    """An activation, without cryptography objects: what ``meshproxy run`` serves with."""
-
-    uuid: str
-    identity: TLSIdentity
-    root_pem: bytes
-    files: Mapping[str, bytes] = field(repr=False)
-    env: Mapping[str, bytes] = field(repr=False)
-    argv: tuple[str, ...]
-    mesh: MeshView
-    lease: Lease
-    simulated: bool
-    sealing_key: Secret | None = field(default=None, repr=False)  # Gramine's mounts
-
-
-@dataclass(frozen=True)
-class Renewal:
-    """A renewed identity: what the renewer installs."""
-
-    identity: TLSIdentity
-    mesh: MeshView
 
 
 # -- the proxy's side -------------------------------------------------------------------------
@@ -100,6 +65,8 @@ class Pending:
     modules and config (two cores do both at once), read with ``result``."""
 
     def __init__(self, mode: str, request: Mapping[str, Any]) -> None:
+        import subprocess
+
         self.mode = mode
         argv = [sys.executable, "-m", "meshproxy.runtime._agent", mode]
         try:
@@ -112,6 +79,8 @@ class Pending:
         self._done = False
 
     def result(self, timeout: float) -> dict[str, Any]:
+        import subprocess
+
         try:
             out, _ = self._proc.communicate(self._input, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -134,34 +103,90 @@ class Forked(Pending):
     """The agent as a fork of this process, for the activation at start: the process is
     still single-threaded and small then, and a fork starts attesting at once with what
     is already imported (a new interpreter would cost a start and the same imports again).
-    The proxy (the parent) never imports what the child loads to attest."""
+    The proxy (the parent) never imports what the child loads to attest.
 
-    def __init__(self, mode: str, request: Mapping[str, Any]) -> None:
+    Without ``cfg`` the agent is forked before the config is loaded: it loads its
+    modules while the proxy parses the config (PyYAML stays in the proxy), then gets it
+    from ``configure`` as JSON. For simulation the proxy also measures the package
+    meanwhile and hands over the digest (attestation._tree.send_digest)."""
+
+    def __init__(
+        self, mode: str, request: Mapping[str, Any], cfg: MarbleConfig | None = None
+    ) -> None:
+        import meshproxy.attestation._tree  # noqa: F401 (both sides use it: loaded once)
+
         self.mode = mode
         self._done = False
         read, write = os.pipe()
+        config = os.pipe() if cfg is None else None
+        digest = os.pipe()
         pid = os.fork()
         if pid == 0:  # the agent
             code = 0
             try:
                 os.close(read)
+                os.close(digest[1])
+                if config is not None:
+                    os.close(config[1])
                 _die_with_parent()
-                data = json.dumps(_handle(mode, request)).encode()
+                doc = _agent_side(mode, request, cfg, config and config[0], digest[0])
+                data = json.dumps(doc).encode()
                 view = memoryview(data)
                 while view:
                     view = view[os.write(write, view) :]
+                # The proxy reads to the end of the pipe: give it that now, not once this
+                # process is torn down (unmapping it takes milliseconds).
+                os.close(write)
             except Exception:  # a bug: say so; the proxy says "failed without an answer"
                 logging.getLogger("meshproxy.runtime").exception("attestation agent failed")
                 code = 70
             finally:
                 os._exit(code)  # no atexit handlers, no flushing the parent's buffers
         os.close(write)
+        os.close(digest[0])
         self._pid = pid
         self._read = read
+        self._digest: int | None = digest[1]
+        self._config: int | None = None
+        if config is not None:
+            os.close(config[0])
+            self._config = config[1]
+        else:
+            assert cfg is not None
+            self._send_digest(cfg)
+
+    def configure(self, cfg: MarbleConfig, document: Mapping[str, Any]) -> None:
+        """Hand the agent forked without a config this one (``document``: what
+        ``config.load_marble_document`` made it of), then the package's digest."""
+        fd, self._config = self._config, None
+        if fd is not None:
+            message = b""
+            with contextlib.suppress(TypeError, ValueError):  # not JSON: the agent reads the file
+                text = json.dumps(dict(document))
+                if json.loads(text) == dict(document):  # the very values (no int keys...)
+                    message = text.encode()
+            _write_all(fd, message)
+        self._send_digest(cfg)
+
+    def _send_digest(self, cfg: MarbleConfig) -> None:
+        fd, self._digest = self._digest, None
+        if fd is None:
+            return
+        if cfg.attestation.provider != "simulation":
+            os.close(fd)
+            return
+        from meshproxy.attestation import _tree
+
+        _tree.send_digest(_tree.package_dir(), fd)
 
     def result(self, timeout: float) -> dict[str, Any]:
         import selectors
 
+        # Not configured: the agent reads the config file itself (and measures itself).
+        for fd in (self._config, self._digest):
+            if fd is not None:
+                os.close(fd)
+        self._config = self._digest = None
         chunks = []
         with selectors.DefaultSelector() as sel:
             sel.register(self._read, selectors.EVENT_READ)
@@ -177,7 +202,7 @@ class Forked(Pending):
                 if not chunk:
                     break
                 chunks.append(chunk)
-        self._finish()
+        self._finish(wait=False)
         return _answer(self.mode, b"".join(chunks))
 
     def cancel(self) -> None:
@@ -186,23 +211,34 @@ class Forked(Pending):
                 os.kill(self._pid, signal.SIGKILL)
             self._finish()
 
-    def _finish(self) -> None:
+    def _finish(self, *, wait: bool = True) -> None:
+        """Close the pipes and reap the agent; ``wait=False`` when it has answered and is
+        exiting: not waited for here, it is reaped once exited (now, or by the app's
+        supervisor, which reaps every child of the proxy: ``_app.Supervisor``)."""
         if self._done:
             return
         self._done = True
         os.close(self._read)
+        for fd in (self._config, self._digest):
+            if fd is not None:
+                os.close(fd)
+        self._config = self._digest = None
         with contextlib.suppress(ChildProcessError):
-            os.waitpid(self._pid, 0)
+            os.waitpid(self._pid, 0 if wait else os.WNOHANG)
 
 
-def begin_activation(config: Path) -> Pending:
-    """Start activating in the agent now; ``activate(pending=...)`` reads the result."""
-    return Forked("activate", {"config": str(config)})
+def begin_activation(config: Path, cfg: MarbleConfig | None = None) -> Forked:
+    """Start activating in the agent now; ``activate(pending=...)`` reads the result.
+    ``cfg``: ``config`` already loaded (and logging set up) by the caller; the agent, a
+    fork, has it without parsing the file again. Without it, the caller loads it while
+    the agent loads its modules, and hands it over with ``configure``."""
+    return Forked("activate", {"config": str(config)}, cfg)
 
 
 def activate(config: Path, timeout: float, *, pending: Pending | None = None) -> Activated:
     """Activate in the agent (blocking; with the config's retries)."""
-    from meshproxy.runtime._renew import Lease
+    from meshproxy.runtime._activated import Activated
+    from meshproxy.runtime._lease import Lease
 
     pending = pending or begin_activation(config)
     doc = pending.result(timeout + AGENT_TIMEOUT_SLACK)
@@ -228,7 +264,8 @@ def activate(config: Path, timeout: float, *, pending: Pending | None = None) ->
 def renew(config: Path, uuid: str, root_pem: bytes, timeout: float) -> tuple[Lease, Renewal]:
     """Renew in the agent (blocking): a fresh key, CSR and quote."""
     request = {"config": str(config), "uuid": uuid, "root_pem": root_pem.decode()}
-    from meshproxy.runtime._renew import Lease
+    from meshproxy.runtime._activated import Renewal
+    from meshproxy.runtime._lease import Lease
 
     doc = _call("renew", request, timeout + AGENT_TIMEOUT_SLACK)
     try:
@@ -282,66 +319,13 @@ def _identity(doc: Mapping[str, Any]) -> TLSIdentity:
 
 
 def _mesh(doc: Mapping[str, Any]) -> MeshView:
+    from meshproxy.runtime._activated import MeshView
+
     return MeshView(
         trust_domain=str(doc["trust_domain"]),
         allow={str(k): tuple(str(x) for x in v) for k, v in doc["allow"].items()},
         routes={str(k): tuple(v) for k, v in doc["routes"].items()},
     )
-
-
-@dataclass(frozen=True)
-class AgentRenewal:
-    """How the running proxy renews (through the agent) and learns of updates."""
-
-    config: Path
-    uuid: str
-    root_pem: bytes
-    host: str  # the coordinator's mesh API
-    port: int
-    timeout: float = 10.0
-
-    def renew(self) -> Renewed:
-        from meshproxy.runtime._renew import Renewed
-
-        lease, renewal = renew(self.config, self.uuid, self.root_pem, self.timeout)
-        return Renewed(lease, renewal)
-
-    def current_intermediate(self) -> str | None:
-        """The SHA-256 fingerprint of the cluster's current intermediate, from the mesh
-        API's ``GET /api/v2/status``; None from a coordinator that does not say.
-
-        Blocking (a thread). HTTPS pinned to the root as ``client.Connection`` does, with
-        the stdlib only: the proxy does not load the coordinator client for a poll."""
-        import http.client
-        import ssl
-
-        from meshproxy.coordinator import _wire as wire
-
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        ctx.check_hostname = False  # the identity is the pinned root itself, checked below
-        ctx.load_verify_locations(cadata=self.root_pem.decode())
-        where = f"coordinator {self.host}:{self.port}"
-        conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout,
-                                           context=ctx)  # fmt: skip
-        try:
-            conn.connect()
-            presented = conn.sock.getpeercert(binary_form=True) if conn.sock else None
-            if presented != ssl.PEM_cert_to_DER_cert(self.root_pem.decode()):
-                raise errors.PKIError(f"{where} does not present the pinned root certificate")
-            conn.request("GET", wire.MESH_PATHS["status"])
-            raw = conn.getresponse().read()
-        except (OSError, http.client.HTTPException) as exc:
-            raise ConnectError(f"cannot reach {where}: {exc}") from None
-        finally:
-            conn.close()
-        try:
-            doc = json.loads(raw)
-            value = doc["data"].get("intermediate") if doc.get("status") == "success" else None
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
-            raise ConnectError(f"{where} answered a status that is not JSend") from None
-        if value is not None and not isinstance(value, str):
-            raise ConnectError(f"{where}: status.intermediate is not text")
-        return value
 
 
 # -- the agent's side -------------------------------------------------------------------------
@@ -355,13 +339,79 @@ def main(argv: list[str]) -> int:
     return 0 if "error" not in doc else 1
 
 
-def _handle(mode: str, request: Mapping[str, Any]) -> dict[str, Any]:
+def _write_all(fd: int, data: bytes) -> None:
+    """Write ``data`` to the pipe ``fd`` and close it (an agent gone already reads none)."""
+    view = memoryview(data)
+    with contextlib.suppress(BrokenPipeError):
+        while view:
+            view = view[os.write(fd, view) :]
+    os.close(fd)
+
+
+def _agent_side(
+    mode: str,
+    request: Mapping[str, Any],
+    cfg: MarbleConfig | None,
+    config_fd: int | None,
+    digest_fd: int,
+) -> dict[str, Any]:
+    """The forked agent: with ``config_fd``, load the modules attesting needs while the
+    proxy loads the config, then read it (nothing: read the file here, as the renewal
+    agent does, and report what is wrong with it)."""
+    from meshproxy._log import setup as setup_logging
+
+    if config_fd is not None:
+        _preload()
+        data = _read_all(config_fd)
+        if data:
+            from meshproxy.config._marble import from_marble_document
+
+            try:
+                cfg = from_marble_document(json.loads(data))
+            except MeshError:
+                cfg = None  # the proxy refused it too; _handle says why, if anyone asks
+            else:
+                setup_logging(cfg.log.level, cfg.log.format)
+    log.debug("attestation agent configured", extra={"event": "agent.config"})
+    if cfg is not None and cfg.attestation.provider == "simulation":
+        from meshproxy.attestation import _tree
+
+        _tree.expect_digest(_tree.package_dir(), digest_fd)
+    else:
+        os.close(digest_fd)
+    return _handle(mode, request, cfg)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    try:
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def _preload() -> None:
+    """What attesting loads, in the order it does, before the config is there."""
+    import meshproxy.attestation._enclave
+    import meshproxy.attestation._platform
+    import meshproxy.coordinator.client
+    import meshproxy.pki
+    import meshproxy.runtime._activate
+    import meshproxy.runtime._lease  # noqa: F401
+
+
+def _handle(
+    mode: str, request: Mapping[str, Any], cfg: MarbleConfig | None = None
+) -> dict[str, Any]:
     from meshproxy._log import setup as setup_logging
     from meshproxy.config import load_marble_config
 
     try:
-        cfg = load_marble_config(request["config"])
-        setup_logging(cfg.log.level, cfg.log.format)
+        if cfg is None:
+            cfg = load_marble_config(request["config"])
+            setup_logging(cfg.log.level, cfg.log.format)
         return _activate(cfg) if mode == "activate" else _renew(cfg, request)
     except MeshError as exc:
         return {"error": str(exc), "kind": type(exc).__name__,
@@ -373,7 +423,7 @@ def _activate(cfg: Any) -> dict[str, Any]:
     from meshproxy.pki import cert_to_pem, certs_to_pem, generate_key, key_to_pem
     from meshproxy.runtime._activate import activate as activate_now
     from meshproxy.runtime._activate import quote_provider, write_files
-    from meshproxy.runtime._renew import lease_of
+    from meshproxy.runtime._lease import lease_of
 
     provider = quote_provider(cfg)
     key = generate_key()
@@ -406,7 +456,7 @@ def _renew(cfg: Any, request: Mapping[str, Any]) -> dict[str, Any]:
     from meshproxy.coordinator.client import renew as renew_now
     from meshproxy.pki import cert_from_pem, cert_to_pem, certs_to_pem, generate_key, key_to_pem
     from meshproxy.runtime._activate import ATTEMPT_TIMEOUT, quote_provider
-    from meshproxy.runtime._renew import lease_of
+    from meshproxy.runtime._lease import lease_of
 
     provider = quote_provider(cfg)
     key = generate_key()
@@ -451,6 +501,9 @@ def _die_with_parent() -> None:
 _PR_SET_PDEATHSIG = 1
 
 if __name__ == "__main__":
+    import gc
+
+    gc.disable()  # a short-lived process: collecting while it loads is work for nothing
     os.umask(0o077)
     _die_with_parent()
     sys.exit(main(sys.argv[1:]))

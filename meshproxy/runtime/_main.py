@@ -39,7 +39,7 @@ from meshproxy.proxy import (
     ProxyMetrics,
 )
 from meshproxy.runtime import _agent
-from meshproxy.runtime._agent import Activated, AgentRenewal, MeshView, Renewal
+from meshproxy.runtime._activated import Activated, AgentRenewal, MeshView, Renewal
 from meshproxy.runtime._app import Supervisor, app_environment, become_subreaper
 from meshproxy.runtime._renew import Lease, Renewed, Renewer
 from meshproxy.tls import (
@@ -90,20 +90,28 @@ def _speaks_http(cfg: MarbleConfig) -> bool:
 
 
 def run(
-    config_path: Path, app_argv: Sequence[str], *, pending: _agent.Pending | None = None
+    config_path: Path,
+    app_argv: Sequence[str],
+    *,
+    pending: _agent.Pending | None = None,
+    cfg: MarbleConfig | None = None,
 ) -> int:
     """``meshproxy run``: returns the app's exit status. ``pending``: the agent, started
-    by the caller before this module was even imported (``cli.run``)."""
-    pending = pending or _agent.begin_activation(config_path)
+    by the caller before this module was even imported (``cli.run``), with ``cfg``, the
+    config it loaded (and set up logging for) then."""
+    if cfg is None:
+        cfg = load_marble_config(config_path)
+        setup_logging(cfg.log.level, cfg.log.format)
+    pending = pending or _agent.begin_activation(config_path, cfg)
     try:
-        return _run(config_path, app_argv, pending)
+        return _run(config_path, cfg, app_argv, pending)
     finally:
         pending.cancel()  # a no-op once it answered
 
 
-def _run(config_path: Path, app_argv: Sequence[str], pending: _agent.Pending) -> int:
-    cfg = load_marble_config(config_path)
-    setup_logging(cfg.log.level, cfg.log.format)
+def _run(
+    config_path: Path, cfg: MarbleConfig, app_argv: Sequence[str], pending: _agent.Pending
+) -> int:
     log.info(
         "meshproxy run starting",
         extra={"event": "runtime.start", "version": __version__, "config": str(config_path),
@@ -284,10 +292,13 @@ async def serve(plan: RunPlan, renewal: tuple[AgentRenewal, Lease] | None = None
         if supervisor.terminating.done():
             supervisor.terminate()
         state.doc["pid"] = pid
-        await asyncio.to_thread(_write_ready, cfg.ready_file, state.doc)
+        # A few hundred bytes in the workdir: written here, not in a thread (starting the
+        # executor's first thread costs more than the write).
+        _write_ready(cfg.ready_file, state.doc)
         if not supervisor.exited:
             state.ready = True
             log.info("ready", extra={"event": "runtime.ready", "pid": pid})
+        _collect_from_now()
         if renewal is not None:
             renewer = asyncio.ensure_future(
                 _renewer(renewal, state, inbound, outbound, connections).run()
@@ -325,6 +336,16 @@ async def serve(plan: RunPlan, renewal: tuple[AgentRenewal, Lease] | None = None
         if engine is not None:
             await engine.aclose()  # after the drain: ends what the grace period left open
         cfg.ready_file.unlink(missing_ok=True)
+
+
+def _collect_from_now() -> None:
+    """Cyclic garbage collection, off while starting (cli.run), from now on; what the
+    start made is frozen first: it lives as long as the process, and scanning it on each
+    full collection would be work for nothing."""
+    import gc
+
+    gc.freeze()
+    gc.enable()
 
 
 def _renewer_ended(task: asyncio.Task[None]) -> None:

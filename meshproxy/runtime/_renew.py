@@ -27,32 +27,18 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from meshproxy.errors import CoordinatorError, MeshError
+from meshproxy.runtime._lease import RENEW_FRACTION, Lease, lease_of
 
-if TYPE_CHECKING:
-    from cryptography import x509
+__all__ = ["RENEW_FRACTION", "Lease", "Renewed", "Renewer", "Step", "lease_of", "next_step"]
 
 log = logging.getLogger("meshproxy.runtime.renew")
 
-RENEW_FRACTION = 0.7
 UPDATE_POLL = 10.0  # the default of coordinator.update_poll
 POLL_JITTER = 0.2  # each interval is +-20 %: marbles started together do not poll together
 RETRY_FIRST = 1.0
 RETRY_MAX = 30.0
-
-
-@dataclass(frozen=True)
-class Lease:
-    """The current certificate's validity (epoch seconds) and its intermediate."""
-
-    not_before: float
-    not_after: float
-    intermediate: str  # SHA-256 fingerprint (hex) of the intermediate that issued it
-
-    def renew_at(self, fraction: float = RENEW_FRACTION) -> float:
-        return self.not_before + fraction * (self.not_after - self.not_before)
 
 
 @dataclass(frozen=True)
@@ -221,17 +207,3 @@ class Renewer:
 
 
 # -- the coordinator side (blocking: run in a thread) ----------------------------------------
-def lease_of(
-    leaf: x509.Certificate, intermediate: x509.Certificate, *, now: float | None = None
-) -> Lease:
-    """The lease of a leaf received ``now``. Leaves are backdated (clock skew between
-    nodes), so their lifetime counts from when we got them, not from notBefore: 70 % of
-    a backdated one could already be past, and the proxy would renew without end."""
-    from cryptography.hazmat.primitives.hashes import SHA256
-
-    received = time.time() if now is None else now
-    return Lease(
-        not_before=max(leaf.not_valid_before_utc.timestamp(), received),
-        not_after=leaf.not_valid_after_utc.timestamp(),
-        intermediate=intermediate.fingerprint(SHA256()).hex(),
-    )
