@@ -34,3 +34,6 @@ if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml setup.py native_tls -newer "
   touch "$stamp"
 fi
 .venv/bin/python -c "import meshproxy._native_tls as n; print('setup: native module OK,', n.openssl_version())"
+# meshproxy never writes bytecode itself (what runs in an enclave must be what was measured):
+# compile it here, checked-hash, so that a start does not compile every module from source.
+.venv/bin/python -m compileall -q -f --invalidation-mode checked-hash meshproxy
