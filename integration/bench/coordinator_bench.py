@@ -436,11 +436,9 @@ def run(
 def compile_package() -> None:
     """Write meshproxy's bytecode before timing starts, as installing a wheel does.
 
-    Otherwise the figure depends on whether some earlier run happened to leave
-    ``__pycache__`` behind: with PYTHONDONTWRITEBYTECODE=1 (as in the enclave templates
-    and this environment) a start compiles every module it imports from source, each
-    time. Checked-hash pycs are loaded only while they match the source's hash, so the
-    measured ``.py`` files stay what runs."""
+    meshproxy's own processes write no bytecode (what a simulated enclave measures includes
+    it), so without this every start would compile each module it imports from source.
+    Checked-hash pycs load only while they match their source's hash."""
     import compileall
     import py_compile
 
