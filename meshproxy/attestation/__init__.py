@@ -13,8 +13,9 @@ TDX, policy or template modules, and each module loaded is startup time.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from meshproxy._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from meshproxy.attestation._collateral import Collateral, parse_collateral
@@ -211,14 +212,7 @@ _HOME: dict[str, tuple[str, str]] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    try:
-        module, attr = _HOME[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _HOME)
 
 
 def __dir__() -> list[str]:

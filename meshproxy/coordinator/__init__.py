@@ -7,8 +7,9 @@ the coordinator's core, state and secrets modules in its memory for that.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from meshproxy._lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from meshproxy.coordinator._core import ActivationRequest, ActivationResult, CoordinatorCore
@@ -35,11 +36,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    try:
-        module, attr = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY)
