@@ -25,7 +25,9 @@
 #include <string.h>
 #include <time.h>
 
+#ifndef OPENSSL_NO_ENGINE
 #include <openssl/engine.h>
+#endif
 #include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/x509.h>
@@ -216,8 +218,10 @@ alpn_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void 
  * stay on the providers. No check is skipped: chains, CertificateVerify and the SPIFFE
  * identity are verified exactly as before (tests: a tampered leaf signature is refused).
  * Process-wide, installed once when the module loads; the measured saving is ~40 % of
- * the proxy's CPU per mTLS handshake (native_tls/README.md).
+ * the proxy's CPU per mTLS handshake (native_tls/README.md). Speed only: if it cannot be
+ * installed (or OpenSSL has no ENGINE support) everything runs on the providers as before.
  */
+#ifndef OPENSSL_NO_ENGINE
 static const int legacy_ec_nids[] = {EVP_PKEY_EC};
 
 static int
@@ -244,16 +248,21 @@ install_legacy_ec(void)
     ERR_clear_error();
     return ok ? 0 : -1;
 }
+#else
+static int
+install_legacy_ec(void)
+{
+    return -1;
+}
+#endif
 
 int
 mp_context_global_init(void)
 {
-    static int legacy_ec_done;
-    if (!legacy_ec_done) {
-        if (install_legacy_ec() < 0) {
-            return -1;
-        }
-        legacy_ec_done = 1;
+    static int legacy_ec_tried;
+    if (!legacy_ec_tried) {
+        legacy_ec_tried = 1;
+        (void)install_legacy_ec(); /* speed only: without it the providers do the same work */
     }
     if (alpn_index < 0) {
         alpn_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, alpn_free);
