@@ -61,6 +61,13 @@
 #define CMD_TEXT 256
 #define ACCEPT_BATCH 64   /* accepts per readiness: new connections cannot starve open ones */
 #define ACCEPT_PAUSE_S 1.0 /* out of fds or memory: stop accepting for this long */
+/* SO_SNDBUF of the proxy's end of an app Unix socket. The default (net.core.wmem_default,
+ * 208 KiB, charged with skb overhead) holds about one direction buffer: a single upstream
+ * stream then stalls on every app read (bench bulk 1 conn up: both CPUs half idle, 0.49 of
+ * the TLS-receive ceiling). 1 MiB (the kernel doubles it, capped by net.core.wmem_max):
+ * +50-60 % MB/s and +20-35 % MB per CPU-s in A/B runs; 512 KiB was uneven. It is a limit,
+ * not an allocation: memory is only held while an app reads slower than its peer sends. */
+#define APP_SNDBUF (1 << 20)
 
 /* -- types ------------------------------------------------------------------------------- */
 typedef struct {
@@ -198,6 +205,7 @@ struct mp_engine {
 static BIO_METHOD *tio_method;
 
 static void pump(conn_t *c);
+static void widen_app_queue(int fd);
 static void conn_end(conn_t *c, const char *reason);
 static void hs_unlink(conn_t *c);
 static int h2_room(const h2r *r, int toward_app);
@@ -1592,6 +1600,11 @@ start_relay(worker_t *w, cmd_t *cmd)
     }
     c->app_fd = cmd->fd;
     cmd->fd = -1;
+    int domain = 0;
+    socklen_t dlen = sizeof domain;
+    if (getsockopt(c->app_fd, SOL_SOCKET, SO_DOMAIN, &domain, &dlen) == 0 && domain == AF_UNIX) {
+        widen_app_queue(c->app_fd); /* not TCP: a fixed SO_SNDBUF ends its autotuning */
+    }
     if (cmd->op == CMD_RELAY_H2) {
         c->h2 = h2r_new(cmd->policy); /* takes the policy, also when it fails */
         cmd->policy = NULL;
@@ -1747,6 +1760,13 @@ identity_allowed(SSL *ssl, const listener_t *l, char *id, size_t idlen, char *uu
 
 /* The app's Unix socket, connected now, or -1: a full backlog, the app not listening,
  * or anything else is the caller's (it retries, words the refusal and logs it). */
+static void
+widen_app_queue(int fd)
+{
+    int size = APP_SNDBUF;
+    (void)setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size); /* best effort */
+}
+
 static int
 connect_app(const char *path)
 {
@@ -1756,6 +1776,7 @@ connect_app(const char *path)
     if (fd < 0) {
         return -1;
     }
+    widen_app_queue(fd);
     if (connect(fd, (struct sockaddr *)&a, sizeof a) == 0) {
         return fd;
     }

@@ -773,6 +773,46 @@ def test_stop_accepting_closes_the_port_and_open_connections_go_on(
     run(scenario)
 
 
+def test_ec_keys_on_the_built_in_method_still_verify_every_signature_and_do_p256_ecdh(
+    ca: Pki, ids: dict[str, TLSIdentity], workdir: Path
+) -> None:
+    """The engine runs EC keys on OpenSSL's built-in EC method (context.c, legacy_ec):
+    a leaf whose signature was tampered with is refused, the genuine one is accepted,
+    and a client that offers only a P-256 key share (ECDH on that method) completes."""
+    genuine = ids["frontend"]
+    der = leaf_der(genuine)
+    tampered_der = der[:-1] + bytes([der[-1] ^ 0x01])  # the last byte of the ECDSA s value
+    tampered = TLSIdentity(
+        ssl.DER_cert_to_PEM_cert(tampered_der).encode() + pki.cert_to_pem(ca.intermediate.cert),
+        genuine.key_pem,
+        genuine.trust_pem,
+    )
+
+    async def connects(port: int, ctx: ssl.SSLContext) -> bool:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+        writer.write(b"?")
+        try:
+            return await asyncio.wait_for(reader.read(1), 5) == b"?"
+        except (ssl.SSLError, ConnectionError):
+            return False
+        finally:
+            writer.close()
+
+    async def scenario(scene: Scene) -> None:
+        await scene.app(workdir / "app.sock", echo)
+        _, port = await scene.inbound(workdir, ids["backend"])
+        assert await connects(port, client_context(tampered)) is False
+        assert await connects(port, client_context(genuine)) is True
+        p256_only = client_context(genuine)
+        p256_only.set_ecdh_curve("prime256v1")
+        assert await connects(port, p256_only) is True
+        assert await connects(port, client_context(tampered)) is False  # not cached either
+        stats = scene.engine.stats()
+        assert stats["handshake_failures"] == 2
+
+    run(scenario)
+
+
 def test_a_verified_chain_is_remembered_per_trust_store_and_failures_never(
     ca: Pki, ids: dict[str, TLSIdentity], workdir: Path
 ) -> None:

@@ -176,6 +176,8 @@ HANDSHAKES = [
     ("tickets_per_conn", "tickets/conn", ".1f", False),
     ("proxy_cpu_pct", "proxy CPU%", ".0f", False),
     ("cpu0_busy_pct", "CPU0 busy%", ".0f", False),
+    ("client_cpu_us_per_conn", "client us/conn", ".0f", False),
+    ("cpu0_cpu_us_per_conn", "CPU0 us/conn", ".0f", False),
     ("other_cpu_pct", "other%", ".0f", False),
 ]
 MEMORY = [

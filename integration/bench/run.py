@@ -152,6 +152,7 @@ def build_tools(out: Path) -> None:
             str(out / tool),
             str(src / f"{tool}.c"),
             str(src / "common.c"),
+            *(["-lgnutls"] if tool == "hsc" else []),  # hsc rate's TLS client (see hsc.c)
             "-lssl",
             "-lcrypto",
             "-lpthread",
@@ -347,6 +348,7 @@ def _unit(metric: str) -> str:
         ("req_per_cpu_s", "req per proxy CPU-s"),
         ("conn_per_s_wall", "conn/s"),
         ("conn_per_cpu_s", "conn per proxy CPU-s"),
+        ("_us_per_conn", "us CPU per conn"),
         ("_pct", "%"),
         ("_mbps", "MB/s"),
         ("_per_s", "ops/s"),

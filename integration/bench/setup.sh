@@ -2,13 +2,14 @@
 # Installs what `make bench` needs and the tests do not: the peers it compares against
 # (haproxy, nginx with its stream module, stunnel), the load generators (wrk; h2load from
 # nghttp2-client, recorded for later HTTP/2 scenarios) and the C toolchain for the bench's
-# own clients. Only what is missing is installed. Debian starts nginx and haproxy as
-# services on install; the bench runs its own instances, so while installing a temporary
-# policy-rc.d (only if the machine has none) keeps apt from starting them.
+# own clients (OpenSSL; GnuTLS for the handshake client `hsc rate`). Only what is missing
+# is installed. Debian starts nginx and haproxy as services on install; the bench runs its
+# own instances, so while installing a temporary policy-rc.d (only if the machine has
+# none) keeps apt from starting them.
 set -euo pipefail
 
 DEBS=(haproxy nginx libnginx-mod-stream stunnel4 wrk nghttp2-client gcc libc6-dev libssl-dev
-      openssl util-linux procps)
+      libgnutls28-dev openssl util-linux procps)
 
 missing=()
 for pkg in "${DEBS[@]}"; do

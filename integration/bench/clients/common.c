@@ -97,15 +97,15 @@ static socklen_t sockaddr_of(const addr_t *a, struct sockaddr_storage *ss)
     return sizeof *in;
 }
 
-int dial(const addr_t *a)
+static int dial_flags(const addr_t *a, int flags)
 {
     struct sockaddr_storage ss;
     socklen_t len = sockaddr_of(a, &ss);
-    int fd = socket(a->is_unix ? AF_UNIX : AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int fd = socket(a->is_unix ? AF_UNIX : AF_INET, SOCK_STREAM | SOCK_CLOEXEC | flags, 0);
     if (fd < 0) {
         return -1;
     }
-    if (connect(fd, (struct sockaddr *)&ss, len) != 0) {
+    if (connect(fd, (struct sockaddr *)&ss, len) != 0 && !(flags && errno == EINPROGRESS)) {
         int saved = errno;
         close(fd);
         errno = saved;
@@ -116,6 +116,16 @@ int dial(const addr_t *a)
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     }
     return fd;
+}
+
+int dial(const addr_t *a)
+{
+    return dial_flags(a, 0);
+}
+
+int dial_nonblocking(const addr_t *a)
+{
+    return dial_flags(a, SOCK_NONBLOCK);
 }
 
 int listen_on(const addr_t *a, int backlog)

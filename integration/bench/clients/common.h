@@ -31,6 +31,8 @@ double now_s(void);
 
 int parse_addr(const char *text, addr_t *out);
 int dial(const addr_t *a);             /* -1 on failure, errno set */
+/* The same with O_NONBLOCK; the connect may still be in progress (EPOLLOUT: done). */
+int dial_nonblocking(const addr_t *a);
 int listen_on(const addr_t *a, int backlog);
 
 /* A client context: presents cert (leaf + chain) and key, verifies the server to ca. */
