@@ -26,7 +26,14 @@ from pathlib import Path
 from string import Template
 
 from integration.bench._pki import BenchMesh, CertFiles
-from integration.bench._procs import Proc, Processes, accepts, children, wait_until
+from integration.bench._procs import (
+    Proc,
+    Processes,
+    accepts,
+    children,
+    wait_children,
+    wait_until,
+)
 from integration.harness import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -279,7 +286,9 @@ def start_nginx(ctx: Context, cores: str, threads: int) -> Server:
     )
     server = Server("nginx", proc, lis, lambda: [proc.pid, *children(proc.pid)])
     server.notes.append("nginx: stream {} for bulk/handshakes/memory, http {} proxy for requests")
-    return _wait_listening(ctx, server)
+    server = _wait_listening(ctx, server)
+    wait_children(proc.pid, threads)
+    return server
 
 
 # -- stunnel ------------------------------------------------------------------------------

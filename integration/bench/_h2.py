@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from integration.bench import _loads as loads
 from integration.bench._candidates import BODY, Context, _nginx, _user_line
-from integration.bench._procs import Meter, Proc, accepts, children, wait_until
+from integration.bench._procs import Meter, Proc, accepts, children, wait_children, wait_until
 from integration.harness import free_port
 
 if TYPE_CHECKING:
@@ -140,6 +140,7 @@ def start_nginx_h2(ctx: Context) -> H2Server:
                            env=ctx.peer_env())  # fmt: skip
     try:
         _ready(ctx, proc, listen, "nginx h2 proxy")
+        wait_children(proc.pid, 1)
     except BaseException:
         ctx.procs.stop(backend)
         raise

@@ -149,6 +149,17 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def wait_children(pid: int, count: int, timeout: float = 10.0) -> list[int]:
+    """The children of ``pid`` once there are ``count`` of them (an nginx master accepts on
+    its port before its workers exist: a meter started then would miss their CPU)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        kids = children(pid)
+        if len(kids) >= count or time.monotonic() > deadline:
+            return kids
+        time.sleep(0.01)
+
+
 def cpu_seconds(pids: Sequence[int]) -> float:
     """utime + stime of the processes (every thread, live and exited), in seconds."""
     ticks = 0
