@@ -1153,6 +1153,41 @@ buffer_to_app(conn_t *c, int *progress)
     return 0;
 }
 
+/* The TLS side's end once the app has closed and `drained` says nothing of it is left to
+ * encrypt: close_notify, then the queued records out, then the TCP write side shut. Both
+ * relay modes (plain and HTTP/2) end this way. */
+static int
+finish_tls_side(conn_t *c, int drained, int *progress)
+{
+    if (c->app_eof && drained && !c->notify_sent) {
+        ERR_clear_error();
+        int r = SSL_shutdown(c->ssl); /* sends close_notify; the peer's comes through SSL_read */
+        if (r >= 0) {
+            c->notify_sent = 1;
+            c->sd_want = 0;
+            *progress = 1;
+        } else {
+            int e = SSL_get_error(c->ssl, r);
+            if (e != SSL_ERROR_WANT_WRITE && e != SSL_ERROR_WANT_READ) {
+                return fail_ssl(c, e);
+            }
+            c->sd_want = e;
+        }
+    }
+    int flushed = flush_out(c, progress);
+    if (flushed < 0) {
+        return fail_errno(c, NULL, c->io_errno);
+    }
+    if (c->notify_sent && flushed == 1 && !c->tcp_shut) {
+        if (shutdown(c->tcp_fd, SHUT_WR) < 0 && errno != ENOTCONN) {
+            return fail_errno(c, NULL, errno);
+        }
+        c->tcp_shut = 1;
+        *progress = 1;
+    }
+    return 0;
+}
+
 static int
 app_to_buffer(conn_t *c, int *progress)
 {
@@ -1217,33 +1252,7 @@ buffer_to_tls(conn_t *c, int *progress)
         }
         return fail_ssl(c, e);
     }
-    if (c->app_eof && buf_len(b) == 0 && !c->notify_sent) {
-        ERR_clear_error();
-        int r = SSL_shutdown(c->ssl); /* sends close_notify; the peer's comes through SSL_read */
-        if (r >= 0) {
-            c->notify_sent = 1;
-            c->sd_want = 0;
-            *progress = 1;
-        } else {
-            int e = SSL_get_error(c->ssl, r);
-            if (e != SSL_ERROR_WANT_WRITE && e != SSL_ERROR_WANT_READ) {
-                return fail_ssl(c, e);
-            }
-            c->sd_want = e;
-        }
-    }
-    int flushed = flush_out(c, progress);
-    if (flushed < 0) {
-        return fail_errno(c, NULL, c->io_errno);
-    }
-    if (c->notify_sent && flushed == 1 && !c->tcp_shut) {
-        if (shutdown(c->tcp_fd, SHUT_WR) < 0 && errno != ENOTCONN) {
-            return fail_errno(c, NULL, errno);
-        }
-        c->tcp_shut = 1;
-        *progress = 1;
-    }
-    return 0;
+    return finish_tls_side(c, buf_len(b) == 0, progress);
 }
 
 /* -- HTTP/2 relay mode (h2relay.c decides; this moves its bytes) ------------------------------ */
@@ -1382,33 +1391,7 @@ h2_to_tls(conn_t *c, int *progress)
         }
         return fail_ssl(c, e);
     }
-    if (c->app_eof && h2r_pending_client(c->h2) == 0 && !c->notify_sent) {
-        ERR_clear_error();
-        int r = SSL_shutdown(c->ssl);
-        if (r >= 0) {
-            c->notify_sent = 1;
-            c->sd_want = 0;
-            *progress = 1;
-        } else {
-            int e = SSL_get_error(c->ssl, r);
-            if (e != SSL_ERROR_WANT_WRITE && e != SSL_ERROR_WANT_READ) {
-                return fail_ssl(c, e);
-            }
-            c->sd_want = e;
-        }
-    }
-    int flushed = flush_out(c, progress);
-    if (flushed < 0) {
-        return fail_errno(c, NULL, c->io_errno);
-    }
-    if (c->notify_sent && flushed == 1 && !c->tcp_shut) {
-        if (shutdown(c->tcp_fd, SHUT_WR) < 0 && errno != ENOTCONN) {
-            return fail_errno(c, NULL, errno);
-        }
-        c->tcp_shut = 1;
-        *progress = 1;
-    }
-    return 0;
+    return finish_tls_side(c, h2r_pending_client(c->h2) == 0, progress);
 }
 
 /* Requests the route rules refused: one event each, for Python's log line. */
