@@ -29,12 +29,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meshproxy.errors import ConnectError, MeshError
+from meshproxy.errors import MeshError
 from meshproxy.pki import PeerIdentity
 from meshproxy.proxy._metrics import ProxyMetrics, _req_labels
 from meshproxy.proxy._native import (
     NativeInboundListener,
-    _check_peer,
     _close_app,
     _count,
 )
@@ -162,24 +161,10 @@ class NativeHttpInboundListener(NativeInboundListener):
     async def _serve_checked(self, session: NativeSession) -> None:
         spec = self.spec
         assert spec.http is not None
-        fields: dict[str, object] = {"listener": spec.name, "remote": session.remote}
-        try:
-            hs = await session.handshake(spec.handshake_timeout)
-        except ConnectError as exc:
-            self._refuse(fields, f"TLS handshake failed: {exc}")
+        accepted = await self._accept_checked(session)
+        if accepted is None:
             return
-        peer: PeerIdentity | None = None
-        if spec.clients == "marbles":
-            try:
-                peer = _check_peer(hs.peer_cert or b"", spec.trust_domain, spec.allow, "client")
-            except MeshError as exc:
-                self._refuse(fields, str(exc))
-                session.close(str(exc))
-                return
-            fields |= {"peer": peer.spiffe_id, "peer_uuid": peer.uuid}
-        else:
-            fields["peer"] = "anonymous"
-        log_in.info("inbound accepted", extra={"event": "inbound.accept", **fields})
+        hs, peer, fields = accepted
         if hs.alpn != "h2":
             await self._python_path(session, spec.http, peer, hs.peer_cert, fields)
             return

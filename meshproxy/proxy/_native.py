@@ -39,7 +39,7 @@ from meshproxy.proxy._inbound import InboundSpec
 from meshproxy.proxy._metrics import Connection, ProxyMetrics
 from meshproxy.proxy._outbound import OutboundSpec
 from meshproxy.proxy._relay import ConnectionSet, bind_unix_socket, connect_unix
-from meshproxy.tls import NativeEngine, NativeSession
+from meshproxy.tls import Handshake, NativeEngine, NativeSession
 
 if TYPE_CHECKING:
     from meshproxy._native_tls import Context, Event
@@ -285,14 +285,19 @@ class NativeInboundListener:
             session.close("shutdown" if isinstance(exc, asyncio.CancelledError) else "error")
             raise
 
-    async def _serve_checked(self, session: NativeSession) -> None:
+    async def _accept_checked(
+        self, session: NativeSession
+    ) -> tuple[Handshake, PeerIdentity | None, dict[str, object]] | None:
+        """The handshake, the client's identity checked (marbles listeners) and the accept
+        logged: the handshake, the peer and the connection's log fields; None when the
+        connection was refused (logged, and closed)."""
         spec = self.spec
         fields: dict[str, object] = {"listener": spec.name, "remote": session.remote}
         try:
             hs = await session.handshake(spec.handshake_timeout)
         except ConnectError as exc:
             self._refuse(fields, f"TLS handshake failed: {exc}")
-            return
+            return None
         peer: PeerIdentity | None = None
         if spec.clients == "marbles":
             try:
@@ -300,11 +305,19 @@ class NativeInboundListener:
             except MeshError as exc:
                 self._refuse(fields, str(exc))
                 session.close(str(exc))
-                return
+                return None
             fields |= {"peer": peer.spiffe_id, "peer_uuid": peer.uuid}
         else:
             fields["peer"] = "anonymous"
         log_in.info("inbound accepted", extra={"event": "inbound.accept", **fields})
+        return hs, peer, fields
+
+    async def _serve_checked(self, session: NativeSession) -> None:
+        spec = self.spec
+        accepted = await self._accept_checked(session)
+        if accepted is None:
+            return
+        _, peer, fields = accepted
         counted = _count(self._metrics, "inbound", spec.name, peer)
         loop = asyncio.get_running_loop()
         try:
