@@ -21,6 +21,7 @@ import meshproxy.cli
 from meshproxy.attestation import (
     EnclaveDescription,
     PackagePolicy,
+    SignedEnclave,
     SimulationPlatform,
     SimulationProvider,
     _enclave,
@@ -247,24 +248,39 @@ def _stamp(source: Path, *, mtime_offset: int = 0) -> bytes:
     )  # fmt: skip
 
 
+def _stand_in_package(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, source_text: str
+) -> tuple[Path, Path, Path]:
+    """A package measured in meshproxy's place: ``pkg/mod.py`` holding ``source_text``;
+    returns the package, the source and where its bytecode goes (not written yet)."""
+    pkg = tmp_path / "pkg"
+    (pkg / "__pycache__").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    source = pkg / "mod.py"
+    source.write_text(source_text)
+    monkeypatch.setattr(_enclave, "_package_dir", lambda: pkg)
+    return pkg, source, pkg / "__pycache__" / "mod.cpython-311.pyc"
+
+
+def _signed_over_package(
+    tmp_path: Path, key: ec.EllipticCurvePrivateKey
+) -> tuple[SignedEnclave, Path]:
+    """An enclave description measuring only the package, signed now, and its directory."""
+    d = tmp_path / "app"
+    d.mkdir()
+    (d / "enclave.yaml").write_text(DESCRIPTION.replace("[app.py, conf/app.yaml]", "[meshproxy]"))
+    return sign_description(load_description(d / "enclave.yaml"), key), d
+
+
 def test_bytecode_that_would_load_is_measured(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, key: ec.EllipticCurvePrivateKey
 ) -> None:
     """Python runs a cached .pyc instead of its source when the header matches, and the
     header does not bind the code: swapped, added or stray bytecode changes the
     measurement; another install's timestamps do not."""
-    pkg = tmp_path / "pkg"
-    (pkg / "__pycache__").mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    source = pkg / "mod.py"
-    source.write_text("x = 1\n")
-    pyc = pkg / "__pycache__" / "mod.cpython-311.pyc"
+    pkg, source, pyc = _stand_in_package(monkeypatch, tmp_path, "x = 1\n")
     pyc.write_bytes(_pyc("x = 1\n", _stamp(source)))
-    monkeypatch.setattr(_enclave, "_package_dir", lambda: pkg)
-    d = tmp_path / "app"
-    d.mkdir()
-    (d / "enclave.yaml").write_text(DESCRIPTION.replace("[app.py, conf/app.yaml]", "[meshproxy]"))
-    signed = sign_description(load_description(d / "enclave.yaml"), key)
+    signed, d = _signed_over_package(tmp_path, key)
     os.utime(source, (1_700_000_000, 1_700_000_000))  # installed elsewhere: other mtimes
     pyc.write_bytes(_pyc("x = 1\n", _stamp(source)))
     check_measurement(signed, d)
@@ -289,18 +305,9 @@ def test_a_stale_pyc_cannot_be_brought_to_run_by_its_header(
 ) -> None:
     """Bytecode of old code left next to a newer source was signed as not running;
     rewriting its header so that it would run changes the measurement."""
-    pkg = tmp_path / "pkg"
-    (pkg / "__pycache__").mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    source = pkg / "mod.py"
-    source.write_text("fixed = True\n")
-    pyc = pkg / "__pycache__" / "mod.cpython-311.pyc"
+    _, source, pyc = _stand_in_package(monkeypatch, tmp_path, "fixed = True\n")
     pyc.write_bytes(_pyc("fixed = False\n", _stamp(source, mtime_offset=-60)))  # stale
-    monkeypatch.setattr(_enclave, "_package_dir", lambda: pkg)
-    d = tmp_path / "app"
-    d.mkdir()
-    (d / "enclave.yaml").write_text(DESCRIPTION.replace("[app.py, conf/app.yaml]", "[meshproxy]"))
-    signed = sign_description(load_description(d / "enclave.yaml"), key)
+    signed, d = _signed_over_package(tmp_path, key)
     check_measurement(signed, d)
     pyc.write_bytes(_pyc("fixed = False\n", _stamp(source)))  # now it would run
     with pytest.raises(AttestationError, match="installed meshproxy package changed"):

@@ -773,6 +773,18 @@ def test_stop_accepting_closes_the_port_and_open_connections_go_on(
     run(scenario)
 
 
+async def _echoes(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """One byte through an echo app and back: False when the server refused the client
+    (TLS 1.3 reports a refused client certificate at the first read)."""
+    writer.write(b"?")
+    try:
+        return await asyncio.wait_for(reader.read(1), 5) == b"?"
+    except (ssl.SSLError, ConnectionError):
+        return False
+    finally:
+        writer.close()
+
+
 def test_ec_keys_on_the_built_in_method_still_verify_every_signature_and_do_p256_ecdh(
     ca: Pki, ids: dict[str, TLSIdentity], workdir: Path
 ) -> None:
@@ -789,14 +801,7 @@ def test_ec_keys_on_the_built_in_method_still_verify_every_signature_and_do_p256
     )
 
     async def connects(port: int, ctx: ssl.SSLContext) -> bool:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
-        writer.write(b"?")
-        try:
-            return await asyncio.wait_for(reader.read(1), 5) == b"?"
-        except (ssl.SSLError, ConnectionError):
-            return False
-        finally:
-            writer.close()
+        return await _echoes(*await asyncio.open_connection("127.0.0.1", port, ssl=ctx))
 
     async def scenario(scene: Scene) -> None:
         await scene.app(workdir / "app.sock", echo)
@@ -820,14 +825,7 @@ def test_a_verified_chain_is_remembered_per_trust_store_and_failures_never(
     refused once the listener trusts another intermediate (a new context, a new cache)."""
 
     async def connects(port: int, who: TLSIdentity) -> bool:
-        reader, writer = await tls_client(port, who)
-        writer.write(b"?")
-        try:
-            return await asyncio.wait_for(reader.read(1), 5) == b"?"
-        except (ssl.SSLError, ConnectionError):
-            return False
-        finally:
-            writer.close()
+        return await _echoes(*await tls_client(port, who))
 
     async def scenario(scene: Scene) -> None:
         await scene.app(workdir / "app.sock", echo)
