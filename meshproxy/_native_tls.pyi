@@ -146,6 +146,12 @@ class Engine:
 def openssl_version() -> str:
     """``OpenSSL_version(OPENSSL_VERSION)`` of the libssl this module is linked against."""
 
+def ec_method() -> tuple[bool, int]:
+    """Whether OpenSSL's built-in EC key method is installed (native_tls/context.c,
+    ``legacy_ec``: certificate keys skip OpenSSL 3.0's provider decoder chain), and how many
+    EC key operations (signatures, verifications, P-256 ECDH) took it since the module
+    loaded."""
+
 @final
 class H2Relay:
     """The engine's HTTP/2 relay core without I/O (native_tls/h2relay.h), for tests."""

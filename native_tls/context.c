@@ -21,6 +21,7 @@
 #include "context.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -221,6 +222,14 @@ alpn_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void 
  * the proxy's CPU per mTLS handshake (native_tls/README.md). Speed only: if it cannot be
  * installed (or OpenSSL has no ENGINE support) everything runs on the providers as before.
  */
+/* What tests and the start-up log can see of it (mp_context_ec_method): whether it is
+ * installed, and how often OpenSSL asked it for the EC method. OpenSSL asks when it makes
+ * an EVP_PKEY_CTX (a signature, a verification, a key exchange) for an EC key decoded on
+ * the legacy path, i.e. for certificate keys that skipped the decoder chain; keys the
+ * providers decoded never get here. A relaxed counter: a few increments per handshake. */
+static int legacy_ec_installed;
+static atomic_uint_fast64_t legacy_ec_uses;
+
 #ifndef OPENSSL_NO_ENGINE
 static const int legacy_ec_nids[] = {EVP_PKEY_EC};
 
@@ -233,6 +242,9 @@ legacy_ec_pkey_meths(ENGINE *e, EVP_PKEY_METHOD **pmeth, const int **nids, int n
         return 1;
     }
     *pmeth = nid == EVP_PKEY_EC ? (EVP_PKEY_METHOD *)EVP_PKEY_meth_find(EVP_PKEY_EC) : NULL;
+    if (*pmeth != NULL) {
+        atomic_fetch_add_explicit(&legacy_ec_uses, 1, memory_order_relaxed);
+    }
     return *pmeth != NULL;
 }
 
@@ -262,7 +274,8 @@ mp_context_global_init(void)
     static int legacy_ec_tried;
     if (!legacy_ec_tried) {
         legacy_ec_tried = 1;
-        (void)install_legacy_ec(); /* speed only: without it the providers do the same work */
+        /* speed only: without it the providers do the same work */
+        legacy_ec_installed = install_legacy_ec() == 0;
     }
     if (alpn_index < 0) {
         alpn_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, alpn_free);
@@ -274,6 +287,13 @@ mp_context_global_init(void)
         sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
     }
     return alpn_index < 0 || vcache_index < 0 || sha256 == NULL ? -1 : 0;
+}
+
+void
+mp_context_ec_method(int *installed, uint64_t *uses)
+{
+    *installed = legacy_ec_installed;
+    *uses = atomic_load_explicit(&legacy_ec_uses, memory_order_relaxed);
 }
 
 void
