@@ -29,6 +29,7 @@ from test_native_engine import (  # the engine harness and its PKI fixtures
     echo,
     eventually,
     ids,  # noqa: F401
+    pytestmark,  # noqa: F401  (the same condition as the engine's tests)
     run,
     workdir,  # noqa: F401
 )
