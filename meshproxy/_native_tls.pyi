@@ -146,6 +146,12 @@ class Engine:
 def openssl_version() -> str:
     """``OpenSSL_version(OPENSSL_VERSION)`` of the libssl this module is linked against."""
 
+def ec_method() -> tuple[bool, int]:
+    """Whether OpenSSL's default for EC keys is the engine's built-in EC method
+    (native_tls/context.c, ``legacy_ec``: certificate keys skip OpenSSL 3.0's provider
+    decoder chain), and how many EC key operations (signatures, verifications, P-256 ECDH)
+    took it since it was installed. Asks OpenSSL, so it is process-wide."""
+
 @final
 class H2Relay:
     """The engine's HTTP/2 relay core without I/O (native_tls/h2relay.h), for tests."""

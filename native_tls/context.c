@@ -21,6 +21,7 @@
 #include "context.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -221,7 +222,14 @@ alpn_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void 
  * the proxy's CPU per mTLS handshake (native_tls/README.md). Speed only: if it cannot be
  * installed (or OpenSSL has no ENGINE support) everything runs on the providers as before.
  */
+/* What tests and the start-up log can see of it (mp_context_ec_method): how often OpenSSL
+ * asked the method for EC. It asks when it makes an EVP_PKEY_CTX (a signature, a
+ * verification, a key exchange) for an EC key decoded on the legacy path, i.e. for
+ * certificate keys that skipped the decoder chain; keys the providers decoded never get
+ * here. A relaxed counter: a few increments per handshake. */
 #ifndef OPENSSL_NO_ENGINE
+static atomic_uint_fast64_t legacy_ec_uses;
+
 static const int legacy_ec_nids[] = {EVP_PKEY_EC};
 
 static int
@@ -233,26 +241,68 @@ legacy_ec_pkey_meths(ENGINE *e, EVP_PKEY_METHOD **pmeth, const int **nids, int n
         return 1;
     }
     *pmeth = nid == EVP_PKEY_EC ? (EVP_PKEY_METHOD *)EVP_PKEY_meth_find(EVP_PKEY_EC) : NULL;
+    if (*pmeth != NULL) {
+        atomic_fetch_add_explicit(&legacy_ec_uses, 1, memory_order_relaxed);
+    }
     return *pmeth != NULL;
+}
+
+#define LEGACY_EC_ID "meshproxy-ec"
+#define LEGACY_EC_CMD_USES ENGINE_CMD_BASE /* ENGINE_ctrl: *(uint64_t *)p = the count */
+
+/* The count through the ENGINE itself: another copy of this module loaded into the process
+ * (a test builds one) installs its own ENGINE, and then that one's counter is the live one. */
+static int
+legacy_ec_ctrl(ENGINE *e, int cmd, long i, void *p, void (*f)(void))
+{
+    (void)e, (void)i, (void)f;
+    if (cmd != LEGACY_EC_CMD_USES || p == NULL) {
+        return 0;
+    }
+    *(uint64_t *)p = atomic_load_explicit(&legacy_ec_uses, memory_order_relaxed);
+    return 1;
 }
 
 static int
 install_legacy_ec(void)
 {
     ENGINE *e = ENGINE_new();
-    int ok = e != NULL && ENGINE_set_id(e, "meshproxy-ec") == 1 &&
+    int ok = e != NULL && ENGINE_set_id(e, LEGACY_EC_ID) == 1 &&
              ENGINE_set_name(e, "OpenSSL's built-in EC key method") == 1 &&
              ENGINE_set_pkey_meths(e, legacy_ec_pkey_meths) == 1 &&
+             ENGINE_set_ctrl_function(e, legacy_ec_ctrl) == 1 &&
              ENGINE_set_default_pkey_meths(e) == 1;
     ENGINE_free(e); /* the method table keeps its own reference */
     ERR_clear_error();
     return ok ? 0 : -1;
+}
+
+int
+mp_context_ec_method(uint64_t *uses)
+{
+    *uses = 0;
+    ENGINE *e = ENGINE_get_pkey_meth_engine(EVP_PKEY_EC); /* OpenSSL's current choice */
+    const char *id = e != NULL ? ENGINE_get_id(e) : NULL;
+    int ours = id != NULL && strcmp(id, LEGACY_EC_ID) == 0 &&
+               ENGINE_ctrl(e, LEGACY_EC_CMD_USES, 0, uses, NULL) == 1;
+    if (e != NULL) {
+        ENGINE_finish(e);
+    }
+    ERR_clear_error();
+    return ours;
 }
 #else
 static int
 install_legacy_ec(void)
 {
     return -1;
+}
+
+int
+mp_context_ec_method(uint64_t *uses)
+{
+    *uses = 0;
+    return 0;
 }
 #endif
 

@@ -9,6 +9,7 @@
 #define MESHPROXY_CONTEXT_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include <openssl/ssl.h>
 
@@ -34,6 +35,10 @@ SSL_CTX *mp_context_new(const mp_context_config *cfg, char *err, size_t errlen);
 
 /* One-time process setup (ex_data index for the server's ALPN list); 0 on success. */
 int mp_context_global_init(void);
+
+/* OpenSSL's built-in EC key method (context.c, legacy_ec): 1 when OpenSSL's default for EC
+ * keys is our ENGINE, with *uses how often OpenSSL took it for an EC key operation; else 0. */
+int mp_context_ec_method(uint64_t *uses);
 
 /* The last OpenSSL error of this thread as "what: reason", and the queue cleared. */
 void mp_openssl_error(const char *what, char *err, size_t errlen);

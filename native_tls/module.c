@@ -994,9 +994,21 @@ openssl_version(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
     return PyUnicode_FromString(version);
 }
 
+static PyObject *
+ec_method(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+    uint64_t uses = 0;
+    int installed = mp_context_ec_method(&uses);
+    return Py_BuildValue("(NK)", PyBool_FromLong(installed), (unsigned long long)uses);
+}
+
 static PyMethodDef native_tls_methods[] = {
     {"openssl_version", openssl_version, METH_NOARGS,
      "openssl_version() -> str\n\nThe version string of the OpenSSL this module runs on."},
+    {"ec_method", ec_method, METH_NOARGS,
+     "ec_method() -> tuple[bool, int]\n\nWhether OpenSSL's default for EC keys is the "
+     "built-in EC method (native_tls/context.c, legacy_ec), and how many EC key operations "
+     "took it."},
     {NULL, NULL, 0, NULL},
 };
 

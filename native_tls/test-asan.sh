@@ -37,7 +37,7 @@ echo "== native tests under ASan + UBSan"
 status=0
 "$PY" -m pytest -p no:cacheprovider -c "$ROOT/pyproject.toml" --rootdir "$ROOT" -q \
     "$ROOT/tests/test_native_engine.py" "$ROOT/tests/test_proxy_relay.py" "$ROOT/tests/test_h2relay.py" \
-    "$ROOT/tests/test_h2native.py" \
+    "$ROOT/tests/test_h2native.py" "$ROOT/tests/test_native_tuning.py" \
     -k "not curl" "$@" || status=$?
 
 reports=$(find "$TMP" -maxdepth 1 -name 'report.*' | sort)

@@ -123,9 +123,16 @@ def describe_backend() -> str:
     native = native_module()
     version = native.openssl_version() if native is not None else None
     if backend == NATIVE:
-        return f"native (C engine on {version}; {_selected.detail})"
+        return f"native (C engine on {version}; {_ec_keys(native)}; {_selected.detail})"
     state = "native module missing" if native is None else f"native module loaded: {version}"
     return f"python (stdlib ssl on uvloop); {state}; {_selected.detail}"
+
+
+def _ec_keys(native: ModuleType | None) -> str:
+    """Where the engine's EC certificate keys run (native_tls/context.c, legacy_ec)."""
+    if native is not None and native.ec_method()[0]:
+        return "EC keys on OpenSSL's built-in EC method"
+    return "EC keys on the providers (built-in EC method not installed)"
 
 
 def _why_not(exc: NativeUnavailable) -> str:
