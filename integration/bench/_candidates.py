@@ -44,6 +44,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 BODY = "x" * 100  # the 100-byte response body
 HTTP_BACKENDS = ("httpd", "nginx")  # the C responder (clients/httpd.c), or nginx
+# The HTTP backend's scheduling policy on CPU 0: the normal one, or SCHED_BATCH (no wake-up
+# preemption of the load client it shares the core with: cheaper per request, but answers
+# come in bursts, which changes the proxies' work too). README "Backends".
+BACKEND_SCHEDS = ("normal", "batch")
 LIFETIME_S = 4 * 3600  # upper bound on any backend's life (the C sink's alarm)
 
 
@@ -88,6 +92,7 @@ class Context:
     sink_sock: Path
     web_sock: Path
     http_backend: str = "httpd"  # one of HTTP_BACKENDS, the same for every candidate
+    backend_sched: str = "normal"  # one of BACKEND_SCHEDS, the same for every candidate
 
     def peer_env(self) -> dict[str, str]:
         """The environment of haproxy, nginx and stunnel: no session tickets (see above)."""
@@ -164,11 +169,13 @@ def nginx_backend_conf(prefix: Path, sockets: list[Path]) -> Path:
 
 
 def http_backend_argv(ctx: Context, prefix: Path, sockets: list[Path]) -> list[str]:
-    """The HTTP backend (100-byte answers) on these Unix sockets, pinned to CPU 0."""
+    """The HTTP backend (100-byte answers) on these Unix sockets, pinned to CPU 0, with the
+    scheduling policy chosen (chrt -b: SCHED_BATCH)."""
+    pin = ["taskset", "-c", "0", *(["chrt", "-b", "0"] if ctx.backend_sched == "batch" else [])]
     if ctx.http_backend == "nginx":
-        return _nginx("0", nginx_backend_conf(prefix, sockets), prefix)
-    httpd = [str(ctx.bin_dir / "httpd"), str(LIFETIME_S), *(f"unix:{s}" for s in sockets)]
-    return ["taskset", "-c", "0", *httpd]
+        conf = nginx_backend_conf(prefix, sockets)
+        return [*pin, "nginx", "-c", str(conf), "-p", str(prefix), "-e", str(prefix / "error.log")]
+    return [*pin, str(ctx.bin_dir / "httpd"), str(LIFETIME_S), *(f"unix:{s}" for s in sockets)]
 
 
 def start_backends(ctx: Context) -> None:

@@ -11,7 +11,7 @@ repetition, each candidate in turn is started, measured and stopped -> medians i
 results.json and the tables.
 
     integration/bench/run.sh [--quick] [--only SCENARIO] [--candidate NAME] [--reps N] [--keep]
-                             [--http-backend httpd|nginx]
+                             [--http-backend httpd|nginx] [--backend-sched normal|batch]
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from types import FrameType
 
 from integration.bench import _loads as loads
 from integration.bench._candidates import (
+    BACKEND_SCHEDS,
     HTTP_BACKENDS,
     Context,
     Server,
@@ -57,7 +58,7 @@ RESULTS = HERE / "results.json"
 SCENARIOS = ("ceilings", "bulk", "requests", "handshakes", "memory", "scaling", "h2")
 CANDIDATES = ("meshproxy-py", "meshproxy-native", "haproxy", "nginx", "stunnel")
 TOOLS = ("bulkc", "hsc", "sink", "httpd")
-NEEDED = ("taskset", "gcc", "haproxy", "nginx", "stunnel4", "wrk", "openssl")
+NEEDED = ("taskset", "chrt", "gcc", "haproxy", "nginx", "stunnel4", "wrk", "openssl")
 # The result scenarios (table rows) each --only scenario produces.
 PRODUCES = {
     "bulk": ("bulk-1conn", "bulk-8conn"),
@@ -74,6 +75,7 @@ class Plan:
     candidates: tuple[str, ...]
     keep: bool
     http_backend: str
+    backend_sched: str
 
     @property
     def sizes(self) -> Sizes:
@@ -121,6 +123,14 @@ def parse_args(argv: list[str] | None = None) -> Plan:
         help="the HTTP/1.1 backend of every candidate (requests, handshakes, memory): the C "
         "responder clients/httpd.c (default) or nginx; README 'Backends'",
     )
+    p.add_argument(
+        "--backend-sched",
+        choices=BACKEND_SCHEDS,
+        default="normal",
+        help="scheduling policy of that HTTP backend on CPU 0: the normal one (default) or "
+        "SCHED_BATCH (it does not preempt the load client; answers come in bursts; README "
+        "'Backends')",
+    )
     args = p.parse_args(argv)
     reps = args.reps if args.reps is not None else (1 if args.quick else 3)
     if not 1 <= reps <= 10:
@@ -132,6 +142,7 @@ def parse_args(argv: list[str] | None = None) -> Plan:
         candidates=tuple(args.candidate or CANDIDATES),
         keep=args.keep,
         http_backend=args.http_backend,
+        backend_sched=args.backend_sched,
     )
 
 
@@ -190,7 +201,7 @@ def _native_build() -> str:
     return f"ENGINE_API {api}, module built {built}"
 
 
-def describe_machine(http_backend: str) -> tuple[dict[str, object], dict[str, str]]:
+def describe_machine(plan: Plan) -> tuple[dict[str, object], dict[str, str]]:
     cpuinfo = Path("/proc/cpuinfo").read_text()
     model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
     mem = re.search(r"^MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text(), re.M)
@@ -203,7 +214,7 @@ def describe_machine(http_backend: str) -> tuple[dict[str, object], dict[str, st
         "kernel": platform.release(),
         "os": os_name.group(1) if os_name else "unknown",
         "layout": "proxy on CPU 1 (scaling: CPUs 0-1); load generators and backends on CPU 0; "
-        f"HTTP/1.1 backend {http_backend}",
+        f"HTTP/1.1 backend {plan.http_backend} ({plan.backend_sched} scheduling)",
     }
     versions = {
         "meshproxy": _version([sys.executable, "-m", "meshproxy", "--version"]),
@@ -358,6 +369,12 @@ _HTTP_BACKEND_NOTE = {
 }
 
 
+_SCHED_NOTE = {
+    "normal": "normal scheduling on CPU 0",
+    "batch": "SCHED_BATCH on CPU 0, --backend-sched batch",
+}
+
+
 def _unit(metric: str) -> str:
     units = (
         ("_mbps_wall", "MB/s"),
@@ -409,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     with signals_as_interrupts():
         try:
             build_tools(base / "bin")
-            results = Results(*describe_machine(plan.http_backend))
+            results = Results(*describe_machine(plan))
             print(f"bench: in {base}: coordinator, manifest, certificates", flush=True)
             mesh.start()
             ctx = Context(
@@ -420,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
                 base / "work" / "sink.sock",
                 base / "work" / "web.sock",
                 plan.http_backend,
+                plan.backend_sched,
             )
             start_backends(ctx)
             runner = Runner(plan, ctx, mesh, results)
@@ -433,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
             sizes = plan.sizes
             results.notes += [
                 "backends: every candidate reaches the same C sink and HTTP/1.1 backend "
-                f"({_HTTP_BACKEND_NOTE[plan.http_backend]}) over Unix sockets; h2: nginx h2c",
+                f"({_HTTP_BACKEND_NOTE[plan.http_backend]}, {_SCHED_NOTE[plan.backend_sched]}) "
+                "over Unix sockets; h2: nginx h2c",
                 f"{'quick' if plan.quick else 'full'} run: bulk {sizes.bulk_bytes // 2**20} MiB "
                 f"each way, wrk {sizes.wrk_seconds} s, handshakes {sizes.handshake_seconds:.0f} s, "
                 f"{plan.reps} repetition(s) per cell (median), "
