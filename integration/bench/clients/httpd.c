@@ -1,8 +1,9 @@
 /*
  * httpd: the HTTP/1.1 backend of the bench (requests, handshakes, memory): every request
  * gets the same 200 response with a 100-byte body. It exists because the load core
- * (CPU 0) bounds the request rate, and nginx, the backend before, spent about twice the
- * CPU per request this does (README "Backends"); every candidate talks to the same one.
+ * (CPU 0) bounds the request rate, and nginx, the backend before, spent ~1.5 us more CPU
+ * per request (its user-space work; README "Backends"); every candidate talks to the
+ * same one.
  *
  *   httpd LIFETIME_S LISTEN [LISTEN...]      LISTEN = unix:PATH | 127.0.0.1:PORT
  *
