@@ -160,10 +160,10 @@ def preflight() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-def build_tools(out: Path) -> None:
+def build_tools(out: Path, tools: tuple[str, ...] = TOOLS) -> None:
     src = HERE / "clients"
     out.mkdir(parents=True, exist_ok=True)
-    for tool in TOOLS:
+    for tool in tools:
         cmd = [
             "gcc",
             "-O2",
