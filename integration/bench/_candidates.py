@@ -2,9 +2,12 @@
 
 Every candidate gets the same three listeners on 127.0.0.1 and the same backends over Unix
 sockets (every candidate here can use one, so none needs TCP to its backend):
-  bulk  mTLS in  -> the C sink                    (scenario bulk)
-  webm  mTLS in  -> nginx, 100-byte responses     (handshakes, memory)
-  web   TLS in, no client certificate -> nginx    (requests: wrk cannot present a cert)
+  bulk  mTLS in  -> the C sink                              (scenario bulk)
+  webm  mTLS in  -> the HTTP backend, 100-byte responses    (handshakes, memory)
+  web   TLS in, no client certificate -> the HTTP backend   (requests: wrk cannot present
+                                                              a cert)
+The HTTP backend is the C responder clients/httpd.c (default) or, with --http-backend
+nginx, nginx with the same answer; the one chosen serves every candidate.
 Proxy configs follow perf-anchors.md: one worker/thread per core given, TLS 1.3 only,
 access logs off, default buffers. meshproxy sends no TLS 1.3 session tickets; the C peers
 send OpenSSL's default two (about a third of a handshake's server CPU, per the anchors),
@@ -22,6 +25,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from string import Template
 
@@ -39,6 +43,11 @@ from integration.harness import free_port
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 BODY = "x" * 100  # the 100-byte response body
+HTTP_BACKENDS = ("httpd", "nginx")  # the C responder (clients/httpd.c), or nginx
+# The HTTP backend's scheduling policy on CPU 0: the normal one, or SCHED_BATCH (no wake-up
+# preemption of the load client it shares the core with: cheaper per request, but answers
+# come in bursts, which changes the proxies' work too). README "Backends".
+BACKEND_SCHEDS = ("normal", "batch")
 LIFETIME_S = 4 * 3600  # upper bound on any backend's life (the C sink's alarm)
 
 
@@ -82,6 +91,8 @@ class Context:
     work: Path
     sink_sock: Path
     web_sock: Path
+    http_backend: str = "httpd"  # one of HTTP_BACKENDS, the same for every candidate
+    backend_sched: str = "normal"  # one of BACKEND_SCHEDS, the same for every candidate
 
     def peer_env(self) -> dict[str, str]:
         """The environment of haproxy, nginx and stunnel: no session tickets (see above)."""
@@ -103,7 +114,7 @@ def _wait_listening(ctx: Context, server: Server, timeout: float = 30) -> Server
     """The server once all its listeners accept; stopped again if they do not."""
     try:
         for addr in (server.listeners.bulk, server.listeners.webm, server.listeners.web):
-            wait_until(lambda a=addr: accepts(a), timeout, f"{server.name} on {addr}", server.proc)
+            wait_until(partial(accepts, addr), timeout, f"{server.name} on {addr}", server.proc)
     except BaseException:
         ctx.procs.stop(server.proc)
         raise
@@ -157,17 +168,26 @@ def nginx_backend_conf(prefix: Path, sockets: list[Path]) -> Path:
     return conf
 
 
+def http_backend_argv(ctx: Context, prefix: Path, sockets: list[Path]) -> list[str]:
+    """The HTTP backend (100-byte answers) on these Unix sockets, pinned to CPU 0, with the
+    scheduling policy chosen (chrt -b: SCHED_BATCH)."""
+    pin = ["taskset", "-c", "0", *(["chrt", "-b", "0"] if ctx.backend_sched == "batch" else [])]
+    if ctx.http_backend == "nginx":
+        conf = nginx_backend_conf(prefix, sockets)
+        return [*pin, "nginx", "-c", str(conf), "-p", str(prefix), "-e", str(prefix / "error.log")]
+    return [*pin, str(ctx.bin_dir / "httpd"), str(LIFETIME_S), *(f"unix:{s}" for s in sockets)]
+
+
 def start_backends(ctx: Context) -> None:
-    """The shared sink and nginx backend of haproxy, nginx and stunnel, on CPU 0."""
+    """The shared sink and HTTP backend of haproxy, nginx and stunnel, on CPU 0."""
     sink = ctx.procs.spawn(
         "backend-sink",
         ["taskset", "-c", "0", str(ctx.bin_dir / "sink"), f"unix:{ctx.sink_sock}", str(LIFETIME_S)],
     )
-    prefix = ctx.work / "nginx-backend"
-    conf = nginx_backend_conf(prefix, [ctx.web_sock])
-    web = ctx.procs.spawn("backend-nginx", _nginx("0", conf, prefix))
+    argv = http_backend_argv(ctx, ctx.work / "http-backend", [ctx.web_sock])
+    web = ctx.procs.spawn(f"backend-{ctx.http_backend}", argv)
     wait_until(lambda: accepts(f"unix:{ctx.sink_sock}"), 15, "sink backend", sink)
-    wait_until(lambda: accepts(f"unix:{ctx.web_sock}"), 15, "nginx backend", web)
+    wait_until(lambda: accepts(f"unix:{ctx.web_sock}"), 15, f"{ctx.http_backend} backend", web)
 
 
 # -- haproxy ------------------------------------------------------------------------------
@@ -381,13 +401,11 @@ def start_meshproxy(
     ]
     config = mesh.marble_config(marble, inbound)
     workdir = marble / "run"
-    prefix = marble / "nginx-backend"
-    nginx_conf = nginx_backend_conf(
-        prefix, [workdir / "inbound-web.sock", workdir / "inbound-webm.sock"]
+    web = http_backend_argv(
+        ctx, marble / "http-backend", [workdir / "inbound-web.sock", workdir / "inbound-webm.sock"]
     )
     (workdir / "ready.json").unlink(missing_ok=True)
-    app = ["sh", str(HERE / "app.sh"), str(ctx.bin_dir / "sink"), str(LIFETIME_S)]
-    app += [str(nginx_conf), str(prefix)]
+    app = ["sh", str(HERE / "app.sh"), str(ctx.bin_dir / "sink"), str(LIFETIME_S), *web]
     env = {**mesh.env, "MESHPROXY_NATIVE": native, "PYTHONUNBUFFERED": "1"}
     meshproxy = [sys.executable, "-m", "meshproxy", "run", "--config", str(config)]
     argv = ["taskset", "-c", cores, *meshproxy, "--", *app]
@@ -397,7 +415,7 @@ def start_meshproxy(
         ready = json.loads((workdir / "ready.json").read_text())["inbound"]
         for sock in ("inbound-bulk.sock", "inbound-web.sock", "inbound-webm.sock"):
             what = f"{name}'s app on {sock}"
-            wait_until(lambda s=sock: accepts(f"unix:{workdir / s}"), 30, what, proc)
+            wait_until(partial(accepts, f"unix:{workdir / sock}"), 30, what, proc)
     except BaseException:
         ctx.procs.stop(proc)
         raise

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from integration.bench import _loads as loads
 from integration.bench._candidates import Context, Server
@@ -94,7 +95,7 @@ class Scenarios:
     def _bulk(self, addr: str, conns: int, pids: Callable[[], list[int]]) -> dict[str, float]:
         out: dict[str, float] = {}
         for direction in ("up", "down"):
-            metrics = self._measure(lambda d=direction: self._bulk_once(addr, d, conns, pids))
+            metrics = self._measure(partial(self._bulk_once, addr, direction, conns, pids))
             out |= {f"{direction}_{k}": v for k, v in metrics.items()}
         return out
 

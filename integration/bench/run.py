@@ -11,6 +11,7 @@ repetition, each candidate in turn is started, measured and stopped -> medians i
 results.json and the tables.
 
     integration/bench/run.sh [--quick] [--only SCENARIO] [--candidate NAME] [--reps N] [--keep]
+                             [--http-backend httpd|nginx] [--backend-sched normal|batch]
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from types import FrameType
 
 from integration.bench import _loads as loads
 from integration.bench._candidates import (
+    BACKEND_SCHEDS,
+    HTTP_BACKENDS,
     Context,
     Server,
     native_engine_api,
@@ -54,8 +57,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"
 SCENARIOS = ("ceilings", "bulk", "requests", "handshakes", "memory", "scaling", "h2")
 CANDIDATES = ("meshproxy-py", "meshproxy-native", "haproxy", "nginx", "stunnel")
-TOOLS = ("bulkc", "hsc", "sink")
-NEEDED = ("taskset", "gcc", "haproxy", "nginx", "stunnel4", "wrk", "openssl")
+TOOLS = ("bulkc", "hsc", "sink", "httpd")
+NEEDED = ("taskset", "chrt", "gcc", "haproxy", "nginx", "stunnel4", "wrk", "openssl")
 # The result scenarios (table rows) each --only scenario produces.
 PRODUCES = {
     "bulk": ("bulk-1conn", "bulk-8conn"),
@@ -71,6 +74,8 @@ class Plan:
     reps: int
     candidates: tuple[str, ...]
     keep: bool
+    http_backend: str
+    backend_sched: str
 
     @property
     def sizes(self) -> Sizes:
@@ -111,6 +116,21 @@ def parse_args(argv: list[str] | None = None) -> Plan:
         "--reps", type=int, help="repetitions per cell, medians reported (default 3; --quick: 1)"
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument(
+        "--http-backend",
+        choices=HTTP_BACKENDS,
+        default="httpd",
+        help="the HTTP/1.1 backend of every candidate (requests, handshakes, memory): the C "
+        "responder clients/httpd.c (default) or nginx; README 'Backends'",
+    )
+    p.add_argument(
+        "--backend-sched",
+        choices=BACKEND_SCHEDS,
+        default="normal",
+        help="scheduling policy of that HTTP backend on CPU 0: the normal one (default) or "
+        "SCHED_BATCH (it does not preempt the load client; answers come in bursts; README "
+        "'Backends')",
+    )
     args = p.parse_args(argv)
     reps = args.reps if args.reps is not None else (1 if args.quick else 3)
     if not 1 <= reps <= 10:
@@ -121,6 +141,8 @@ def parse_args(argv: list[str] | None = None) -> Plan:
         reps=reps,
         candidates=tuple(args.candidate or CANDIDATES),
         keep=args.keep,
+        http_backend=args.http_backend,
+        backend_sched=args.backend_sched,
     )
 
 
@@ -138,10 +160,10 @@ def preflight() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-def build_tools(out: Path) -> None:
+def build_tools(out: Path, tools: tuple[str, ...] = TOOLS) -> None:
     src = HERE / "clients"
     out.mkdir(parents=True, exist_ok=True)
-    for tool in TOOLS:
+    for tool in tools:
         cmd = [
             "gcc",
             "-O2",
@@ -179,7 +201,7 @@ def _native_build() -> str:
     return f"ENGINE_API {api}, module built {built}"
 
 
-def describe_machine() -> tuple[dict[str, object], dict[str, str]]:
+def describe_machine(plan: Plan) -> tuple[dict[str, object], dict[str, str]]:
     cpuinfo = Path("/proc/cpuinfo").read_text()
     model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
     mem = re.search(r"^MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text(), re.M)
@@ -191,7 +213,8 @@ def describe_machine() -> tuple[dict[str, object], dict[str, str]]:
         "mem_gib": round(int(mem.group(1)) / 2**20, 1) if mem else None,
         "kernel": platform.release(),
         "os": os_name.group(1) if os_name else "unknown",
-        "layout": "proxy on CPU 1 (scaling: CPUs 0-1); load generators and backends on CPU 0",
+        "layout": "proxy on CPU 1 (scaling: CPUs 0-1); load generators and backends on CPU 0; "
+        f"HTTP/1.1 backend {plan.http_backend} ({plan.backend_sched} scheduling)",
     }
     versions = {
         "meshproxy": _version([sys.executable, "-m", "meshproxy", "--version"]),
@@ -340,6 +363,18 @@ class Runner:
             self.results.notes.append(f"negotiated cipher: {self.scenarios.cipher}")
 
 
+_HTTP_BACKEND_NOTE = {
+    "httpd": "the C responder clients/httpd.c",
+    "nginx": "nginx, --http-backend nginx",
+}
+
+
+_SCHED_NOTE = {
+    "normal": "normal scheduling on CPU 0",
+    "batch": "SCHED_BATCH on CPU 0, --backend-sched batch",
+}
+
+
 def _unit(metric: str) -> str:
     units = (
         ("_mbps_wall", "MB/s"),
@@ -391,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     with signals_as_interrupts():
         try:
             build_tools(base / "bin")
-            results = Results(*describe_machine())
+            results = Results(*describe_machine(plan))
             print(f"bench: in {base}: coordinator, manifest, certificates", flush=True)
             mesh.start()
             ctx = Context(
@@ -401,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
                 base / "work",
                 base / "work" / "sink.sock",
                 base / "work" / "web.sock",
+                plan.http_backend,
+                plan.backend_sched,
             )
             start_backends(ctx)
             runner = Runner(plan, ctx, mesh, results)
@@ -413,7 +450,9 @@ def main(argv: list[str] | None = None) -> int:
             runner.finish()
             sizes = plan.sizes
             results.notes += [
-                "backends: every candidate reaches the C sink and nginx over Unix sockets",
+                "backends: every candidate reaches the same C sink and HTTP/1.1 backend "
+                f"({_HTTP_BACKEND_NOTE[plan.http_backend]}, {_SCHED_NOTE[plan.backend_sched]}) "
+                "over Unix sockets; h2: nginx h2c",
                 f"{'quick' if plan.quick else 'full'} run: bulk {sizes.bulk_bytes // 2**20} MiB "
                 f"each way, wrk {sizes.wrk_seconds} s, handshakes {sizes.handshake_seconds:.0f} s, "
                 f"{plan.reps} repetition(s) per cell (median), "
