@@ -78,8 +78,8 @@ class EarlyQuote:
             resp = conn.getresponse()
             body = resp.read()
             self._answer = Answer(conn, nonce, resp.status, body, resp.will_close)
-        except Exception:  # noqa: BLE001 (the activation asks again, and reports what fails)
-            conn.close()
+        except (OSError, http.client.HTTPException, ValueError):
+            conn.close()  # the activation asks again, and reports what fails then
 
     def take(self, timeout: float) -> Answer | None:
         """The answer, once (``None``: none came in ``timeout`` or the request failed; a
