@@ -12,7 +12,6 @@ made by ``meshproxy.pki`` and counts the connections it accepts.
 
 from __future__ import annotations
 
-import contextlib
 import http.server
 import json
 import ssl
@@ -53,11 +52,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@contextlib.contextmanager
-def _tls_server(
-    tmp_path: Path, handler: type[http.server.BaseHTTPRequestHandler]
-) -> Iterator[tuple[str, x509.Certificate]]:
-    """A TLS HTTP/1.1 server on a fresh root made by ``meshproxy.pki``: address, root."""
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[str, x509.Certificate]]:
     root = create_root(
         now=datetime.now(UTC), dns_names=["c.test"], simulated=True, key=generate_key()
     )
@@ -65,7 +61,8 @@ def _tls_server(
     (tmp_path / "root.key").write_bytes(key_to_pem(root.key).reveal())
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(tmp_path / "root.pem", tmp_path / "root.key")
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    _Handler.connections = []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -74,13 +71,6 @@ def _tls_server(
     finally:
         httpd.shutdown()
         httpd.server_close()
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[str, x509.Certificate]]:
-    _Handler.connections = []
-    with _tls_server(tmp_path, _Handler) as served:
-        yield served
 
 
 def test_requests_inside_kept_open_share_one_connection(
@@ -206,6 +196,13 @@ def test_an_early_answer_that_is_not_json_is_refused_as_a_late_one_is(
 ) -> None:
     """A peer that speaks TLS but answers garbage: the adopted answer gets the same error
     as a request made on the connection itself."""
+    root = create_root(
+        now=datetime.now(UTC), dns_names=["g.test"], simulated=True, key=generate_key()
+    )
+    (tmp_path / "root.pem").write_bytes(cert_to_pem(root.cert))
+    (tmp_path / "root.key").write_bytes(key_to_pem(root.key).reveal())
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(tmp_path / "root.pem", tmp_path / "root.key")
 
     class Garbage(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -220,13 +217,19 @@ def test_an_early_answer_that_is_not_json_is_refused_as_a_late_one_is(
         def log_message(self, *args: object) -> None:
             pass
 
-    with _tls_server(tmp_path, Garbage) as (address, root):
-        host, port = address.rsplit(":", 1)
-        answer = EarlyQuote(host, int(port)).take(10)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Garbage)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        port = httpd.server_address[1]
+        answer = EarlyQuote("127.0.0.1", port).take(10)
         assert answer is not None
-        conn = Connection(address, None)
+        conn = Connection(f"127.0.0.1:{port}", None)
         with conn.kept_open(), pytest.raises(ConnectError, match="body that is not JSON"):
             conn.adopt(answer)
-        pinned = Connection(address, root)
+        pinned = Connection(f"127.0.0.1:{port}", root.cert)
         with pytest.raises(ValueError, match="unpinned"):
             pinned.adopt(answer)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
