@@ -23,9 +23,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from meshproxy.coordinator._early import EarlyQuote
 from meshproxy.coordinator.client import Connection
-from meshproxy.errors import ConnectError, PKIError
+from meshproxy.errors import PKIError
 from meshproxy.pki import cert_to_pem, create_root, generate_key, key_to_pem
 
 
@@ -140,96 +139,3 @@ def test_pinning_a_root_outside_its_validity_refuses_the_kept_connection(
         conn.request("GET", "/quote")
         with pytest.raises(PKIError, match="does not present the pinned root"):
             conn.pin(root, now=root.not_valid_after_utc + timedelta(seconds=1))
-
-
-# -- the quote asked for early (coordinator._early), while the agent loads -----------------
-def test_an_early_answer_is_adopted_on_its_own_connection_and_checked_as_any_answer(
-    server: tuple[str, x509.Certificate],
-) -> None:
-    address, root = server
-    host, port = address.rsplit(":", 1)
-    early = EarlyQuote(host, int(port))
-    answer = early.take(10)
-    assert answer is not None
-    assert answer.status == 200
-    assert answer.conn.sock is not None
-    assert answer.conn.sock.getpeercert(binary_form=True)
-    assert "nonce=" in json.loads(answer.body)["data"]["path"]  # our nonce went with it
-    assert early.take(10) is None  # once only
-    conn = Connection(address, None)
-    with conn.kept_open():
-        assert conn.adopt(answer)["path"].startswith("/api/v2/quote?nonce=")
-        conn.pin(root)  # the early connection was handshaken with this root: kept
-        conn.request("POST", "/nonce", {})
-        conn.request("POST", "/activate", {})
-    assert len(_Handler.connections) == 1  # quote, nonce and activation on one connection
-
-
-def test_an_early_connection_to_another_root_is_refused_when_pinned(
-    server: tuple[str, x509.Certificate],
-) -> None:
-    address, _ = server
-    host, port = address.rsplit(":", 1)
-    other = create_root(
-        now=datetime.now(UTC), dns_names=["x.test"], simulated=True, key=generate_key()
-    ).cert
-    answer = EarlyQuote(host, int(port)).take(10)
-    assert answer is not None
-    conn = Connection(address, None)
-    with conn.kept_open():
-        conn.adopt(answer)
-        with pytest.raises(PKIError, match="does not present the pinned root"):
-            conn.pin(other)
-
-
-def test_an_early_request_that_fails_gives_no_answer(tmp_path: Path) -> None:
-    import socket
-
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    assert EarlyQuote("127.0.0.1", port, timeout=2).take(5) is None
-
-
-def test_an_early_answer_that_is_not_json_is_refused_as_a_late_one_is(
-    tmp_path: Path,
-) -> None:
-    """A peer that speaks TLS but answers garbage: the adopted answer gets the same error
-    as a request made on the connection itself."""
-    root = create_root(
-        now=datetime.now(UTC), dns_names=["g.test"], simulated=True, key=generate_key()
-    )
-    (tmp_path / "root.pem").write_bytes(cert_to_pem(root.cert))
-    (tmp_path / "root.key").write_bytes(key_to_pem(root.key).reveal())
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(tmp_path / "root.pem", tmp_path / "root.key")
-
-    class Garbage(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:
-            body = b"<html>not a coordinator</html>"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Garbage)
-    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        port = httpd.server_address[1]
-        answer = EarlyQuote("127.0.0.1", port).take(10)
-        assert answer is not None
-        conn = Connection(f"127.0.0.1:{port}", None)
-        with conn.kept_open(), pytest.raises(ConnectError, match="body that is not JSON"):
-            conn.adopt(answer)
-        pinned = Connection(f"127.0.0.1:{port}", root.cert)
-        with pytest.raises(ValueError, match="unpinned"):
-            pinned.adopt(answer)
-    finally:
-        httpd.shutdown()
-        httpd.server_close()

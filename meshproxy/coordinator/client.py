@@ -23,6 +23,7 @@ reach different replicas of a cluster (every replica checks every replica's nonc
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import http.client
@@ -55,7 +56,6 @@ from meshproxy.attestation import (
     verify_quote,
 )
 from meshproxy.coordinator import _wire as wire
-from meshproxy.coordinator._early import Answer, EarlyQuote, client_context, quote_path
 from meshproxy.errors import (
     AttestationError,
     ConnectError,
@@ -213,21 +213,14 @@ class Connection:
                 f"coordinator {self.address} does not present the pinned root certificate"
             )
 
-    def adopt(self, answer: Answer) -> Any:
-        """The data of ``answer``, a request made for this connection before it existed
-        (``_early.EarlyQuote``: unpinned, like this one), checked as ``request`` checks
-        its own; its connection stays in use if ``request`` would have kept it."""
-        if self.root is not None or self._kept is not None:
-            raise ValueError("only an unpinned connection that has none open adopts one")
-        if self._keep and not answer.will_close:
-            self._kept = answer.conn
-        else:
-            answer.conn.close()
-        return self._decode(answer.status, answer.body)
-
     def _context(self) -> ssl.SSLContext:
-        root = cert_to_pem(self.root).decode() if self.root is not None else None
-        ctx = client_context(root)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False  # identity is the pinned root itself, checked below
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.root is None:
+            ctx.verify_mode = ssl.CERT_NONE  # only to fetch a quote, which we verify
+        else:
+            ctx.load_verify_locations(cadata=cert_to_pem(self.root).decode())
         if self.identity is not None:
             try:
                 ctx.load_cert_chain(self.identity.cert_path, self.identity.key_path)
@@ -289,10 +282,6 @@ class Connection:
                     resp.close()
                 if conn is not None:
                     conn.close()
-        return self._decode(status, raw)
-
-    def _decode(self, status: int, raw: bytes) -> Any:
-        where = f"coordinator {self.address}"
         try:
             doc = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -371,18 +360,13 @@ def _evidence(
     now: datetime | None = None,
     collateral: Collateral | None = None,
     loaded: SimulationPlatform | None = None,
-    early: Answer | None = None,
 ) -> ClusterEvidence:
-    """``fetch_evidence`` over ``conn`` (unpinned; kept open by a caller that pins it);
-    ``early``: the answer to a quote request made already (``_early.EarlyQuote``)."""
+    """``fetch_evidence`` over ``conn`` (unpinned; kept open by a caller that pins it)."""
     address = conn.address
     now = now or datetime.now(UTC)
-    if early is not None:  # asked before this process could verify it: verified here
-        nonce = early.nonce
-        data = conn.adopt(early)
-    else:
-        nonce = os.urandom(32)
-        data = conn.request("GET", quote_path(nonce))
+    nonce = os.urandom(32)
+    q = base64.urlsafe_b64encode(nonce).decode().rstrip("=")
+    data = conn.request("GET", f"{wire.CLIENT_PATHS['quote']}?nonce={q}")
     try:
         certs = certs_from_pem(str(data["cert"]).encode(), "coordinator certificate chain")
         quote = wire.b64d(data["quote"], "quote")
@@ -473,12 +457,10 @@ def activate(
     platform_dir: Path | None,
     timeout: float = 10.0,
     policy: CoordinatorPolicy | None = None,
-    early: EarlyQuote | None = None,
 ) -> Activation:
     """One activation attempt (ARCHITECTURE section 5). Blocking. Without a pinned
     ``root`` the coordinator's quote is verified, and its identity checked against
-    ``policy`` (a ``PolicyError`` naming the field: not worth retrying). ``early``: that
-    quote requested already, from this address (``_early``)."""
+    ``policy`` (a ``PolicyError`` naming the field: not worth retrying)."""
     conn = Connection(address, root, timeout)
     with conn.kept_open():  # quote, nonce and activation: one TLS connection
         if root is None:
@@ -487,7 +469,6 @@ def activate(
                 accept_simulation=accept_simulation,
                 platform_dir=platform_dir,
                 loaded=provider.platform if isinstance(provider, SimulationProvider) else None,
-                early=early.take(timeout) if early is not None else None,
             )
             if policy is not None:
                 from meshproxy.attestation import check_coordinator

@@ -25,7 +25,6 @@ from meshproxy.pki import cert_from_pem
 
 if TYPE_CHECKING:
     from meshproxy.attestation import QuoteProvider
-    from meshproxy.coordinator._early import EarlyQuote
     from meshproxy.coordinator.client import Activation
 
 log = logging.getLogger("meshproxy.runtime")
@@ -151,14 +150,9 @@ def activate_with_retry(
 
 
 def activate(
-    cfg: MarbleConfig,
-    key: ec.EllipticCurvePrivateKey,
-    provider: QuoteProvider,
-    *,
-    early: EarlyQuote | None = None,
+    cfg: MarbleConfig, key: ec.EllipticCurvePrivateKey, provider: QuoteProvider
 ) -> Activation:
-    """Activate this marble with the coordinator named in the config (with retries).
-    ``early``: its quote requested already (used by the first attempt, if unpinned)."""
+    """Activate this marble with the coordinator named in the config (with retries)."""
     from meshproxy.coordinator.client import activate as activate_once
 
     root = None
@@ -187,10 +181,7 @@ def activate(
                "policy": str(cfg.coordinator.policy) if policy is not None else None},
     )  # fmt: skip
 
-    first: list[EarlyQuote | None] = [early if root is None else None]
-
     def attempt(per_attempt: float) -> Activation:
-        prefetched, first[0] = first[0], None
         return activate_once(
             address,
             marble_type=cfg.marble.type,
@@ -203,7 +194,6 @@ def activate(
             platform_dir=cfg.attestation.platform_dir,
             timeout=per_attempt,
             policy=policy,
-            early=prefetched,
         )
 
     activation = activate_with_retry(address, attempt, timeout=cfg.coordinator.activation_timeout)

@@ -33,7 +33,6 @@ from meshproxy.errors import ConnectError, MeshError
 
 if TYPE_CHECKING:
     from meshproxy.config import MarbleConfig
-    from meshproxy.coordinator._early import EarlyQuote
     from meshproxy.runtime._activated import Activated, AgentRenewal, MeshView, Renewal
     from meshproxy.runtime._lease import Lease
     from meshproxy.tls import TLSIdentity
@@ -361,13 +360,18 @@ def _agent_side(
     agent does, and report what is wrong with it)."""
     from meshproxy._log import setup as setup_logging
 
-    early: EarlyQuote | None = None
     if config_fd is not None:
-        configured = _Configured(mode, config_fd)
         _preload()
-        cfg, early = configured.wait()
-        if cfg is not None:
-            setup_logging(cfg.log.level, cfg.log.format)
+        data = _read_all(config_fd)
+        if data:
+            from meshproxy.config._marble import from_marble_document
+
+            try:
+                cfg = from_marble_document(json.loads(data))
+            except MeshError:
+                cfg = None  # the proxy refused it too; _handle says why, if anyone asks
+            else:
+                setup_logging(cfg.log.level, cfg.log.format)
     log.debug("attestation agent configured", extra={"event": "agent.config"})
     if cfg is not None and cfg.attestation.provider == "simulation":
         from meshproxy.attestation import _tree
@@ -375,43 +379,7 @@ def _agent_side(
         _tree.expect_digest(_tree.package_dir(), digest_fd)
     else:
         os.close(digest_fd)
-    return _handle(mode, request, cfg, early)
-
-
-class _Configured:
-    """The config from the proxy's pipe, read in a thread while this process loads what
-    attesting needs; an activation that has not pinned the coordinator's root then asks
-    for its quote at once (``coordinator._early``), so the answer is there when the
-    modules that verify it are."""
-
-    def __init__(self, mode: str, fd: int) -> None:
-        import threading
-
-        self.cfg: MarbleConfig | None = None
-        self.early: EarlyQuote | None = None
-        self._thread = threading.Thread(target=self._run, args=(mode, fd), daemon=True)
-        self._thread.start()
-
-    def _run(self, mode: str, fd: int) -> None:
-        data = _read_all(fd)
-        if not data:
-            return  # the proxy sent none: _handle reads the file (and says what is wrong)
-        from meshproxy.config._marble import from_marble_document
-
-        try:
-            cfg = from_marble_document(json.loads(data))
-        except (MeshError, ValueError):
-            return  # the proxy refused it too; _handle says why, if anyone asks
-        self.cfg = cfg
-        if mode == "activate" and cfg.coordinator.root_cert is None:
-            from meshproxy.coordinator._early import EarlyQuote
-
-            address = cfg.coordinator.address
-            self.early = EarlyQuote(address.host, address.port)
-
-    def wait(self) -> tuple[MarbleConfig | None, EarlyQuote | None]:
-        self._thread.join()
-        return self.cfg, self.early
+    return _handle(mode, request, cfg)
 
 
 def _read_all(fd: int) -> bytes:
@@ -435,10 +403,7 @@ def _preload() -> None:
 
 
 def _handle(
-    mode: str,
-    request: Mapping[str, Any],
-    cfg: MarbleConfig | None = None,
-    early: EarlyQuote | None = None,
+    mode: str, request: Mapping[str, Any], cfg: MarbleConfig | None = None
 ) -> dict[str, Any]:
     from meshproxy._log import setup as setup_logging
     from meshproxy.config import load_marble_config
@@ -447,14 +412,14 @@ def _handle(
         if cfg is None:
             cfg = load_marble_config(request["config"])
             setup_logging(cfg.log.level, cfg.log.format)
-        return _activate(cfg, early) if mode == "activate" else _renew(cfg, request)
+        return _activate(cfg) if mode == "activate" else _renew(cfg, request)
     except MeshError as exc:
         return {"error": str(exc), "kind": type(exc).__name__,
                 "http_status": getattr(exc, "http_status", None),
                 "check": getattr(exc, "check", None)}  # fmt: skip
 
 
-def _activate(cfg: Any, early: EarlyQuote | None = None) -> dict[str, Any]:
+def _activate(cfg: Any) -> dict[str, Any]:
     from meshproxy.pki import cert_to_pem, certs_to_pem, generate_key, key_to_pem
     from meshproxy.runtime._activate import activate as activate_now
     from meshproxy.runtime._activate import quote_provider, write_files
@@ -462,7 +427,7 @@ def _activate(cfg: Any, early: EarlyQuote | None = None) -> dict[str, Any]:
 
     provider = quote_provider(cfg)
     key = generate_key()
-    act = activate_now(cfg, key, provider, early=early)
+    act = activate_now(cfg, key, provider)
     cfg.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(cfg.workdir, 0o700)
     write_files(cfg.files_root, act.files)
