@@ -170,7 +170,7 @@ class Scenarios:
             "conn_per_s_wall": r["conn_per_s"],
             "conn_per_cpu_s": r["conns"] / max(m.cpu_s, 0.01),
             # the load side's CPU per connection: the client (hsc) alone, and all of CPU 0
-            # (client, nginx backend, kernel, and any other work there)
+            # (client, HTTP backend, kernel, and any other work there)
             "client_cpu_us_per_conn": 1e6 * r["client_cpu_s"] / conns,
             "cpu0_cpu_us_per_conn": 1e4 * m.busy.get("cpu0", 0.0) * m.wall_s / conns,
             "failures": r["failures"],
