@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Protocol
 
 import meshproxy
+from meshproxy._pipes import read_to_end
 
 PACKAGE_DOMAIN = b"meshproxy-package-tree/v2"  # v2: bytecode measured too
 PACKAGE_SUFFIXES = (".py", ".so", ".pyi", ".der", ".pyc")
@@ -170,13 +171,7 @@ def package_digest(root: Path) -> str:
     """SHA-256 over the package's measured files (their paths and contents), hex."""
     fd = _pending.pop(str(Path(root)), None)
     if fd is not None:
-        chunks = []
-        try:
-            while chunk := os.read(fd, 128):
-                chunks.append(chunk)
-        finally:
-            os.close(fd)
-        digest = b"".join(chunks).decode("ascii", "replace")
+        digest = read_to_end(fd).decode("ascii", "replace")
         if len(digest) == 64:
             return digest
     return _digest_now(Path(root))  # none sent (the proxy could not read): measure here

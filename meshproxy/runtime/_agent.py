@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meshproxy import errors
+from meshproxy._pipes import read_to_end, write_all
 from meshproxy._redact import Secret
 from meshproxy.errors import ConnectError, MeshError
 
@@ -130,13 +131,9 @@ class Forked(Pending):
                     os.close(config[1])
                 _die_with_parent()
                 doc = _agent_side(mode, request, cfg, config and config[0], digest[0])
-                data = json.dumps(doc).encode()
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(write, view) :]
-                # The proxy reads to the end of the pipe: give it that now, not once this
-                # process is torn down (unmapping it takes milliseconds).
-                os.close(write)
+                # Closed once written: the proxy reads to the end of the pipe, so it gets
+                # that now, not once this process is torn down (unmapping takes ms).
+                write_all(write, json.dumps(doc).encode())
             except Exception:  # a bug: say so; the proxy says "failed without an answer"
                 logging.getLogger("meshproxy.runtime").exception("attestation agent failed")
                 code = 70
@@ -165,7 +162,7 @@ class Forked(Pending):
                 text = json.dumps(dict(document))
                 if json.loads(text) == dict(document):  # the very values (no int keys...)
                     message = text.encode()
-            _write_all(fd, message)
+            write_all(fd, message)
         self._send_digest(cfg)
 
     def _send_digest(self, cfg: MarbleConfig) -> None:
@@ -339,15 +336,6 @@ def main(argv: list[str]) -> int:
     return 0 if "error" not in doc else 1
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    """Write ``data`` to the pipe ``fd`` and close it (an agent gone already reads none)."""
-    view = memoryview(data)
-    with contextlib.suppress(BrokenPipeError):
-        while view:
-            view = view[os.write(fd, view) :]
-    os.close(fd)
-
-
 def _agent_side(
     mode: str,
     request: Mapping[str, Any],
@@ -362,7 +350,7 @@ def _agent_side(
 
     if config_fd is not None:
         _preload()
-        data = _read_all(config_fd)
+        data = read_to_end(config_fd)
         if data:
             from meshproxy.config._marble import from_marble_document
 
@@ -380,16 +368,6 @@ def _agent_side(
     else:
         os.close(digest_fd)
     return _handle(mode, request, cfg)
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    try:
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
 
 
 def _preload() -> None:
